@@ -1,0 +1,202 @@
+"""Stage `fetch`: put a competition's raw files in `data/raw/<competition>/`.
+
+Sources (`params.yaml` -> `data.source`):
+- `kaggle`: the official Kaggle client downloads the competition zip;
+- `zip`: a competition zip you downloaded yourself (`data.zip`);
+- `embedded`: scikit-learn's 8x8 digits laid out exactly like `digit-recognizer`;
+- `auto`: the zip if `data.zip` is set, else Kaggle if credentials exist, else embedded.
+
+Run: `ablate fetch` (or `dvc repro fetch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_dir
+from pipeline.params import DataParams, Paths, load_section
+
+log = logging.getLogger(__name__)
+
+KAGGLE_HELP = (
+    "create an API token at https://www.kaggle.com/settings (Account > API > Create New "
+    "Token) and save it as ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and "
+    "KAGGLE_KEY; or download the zip by hand and set data.source: zip, data.zip: PATH"
+)
+
+
+def kaggle_config_dir(env: Mapping[str, str]) -> Path:
+    return Path(env.get("KAGGLE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".kaggle")
+
+
+def has_kaggle_credentials(env: Mapping[str, str] = os.environ) -> bool:
+    """True when the official client would find credentials (it is not asked)."""
+    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
+        return True
+    if env.get("KAGGLE_API_TOKEN"):
+        return True
+    folder = kaggle_config_dir(env).expanduser()
+    return (folder / "kaggle.json").is_file() or (folder / "access_token").is_file()
+
+
+def choose_source(params: DataParams, env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """The concrete source for `params.source` and a one-line reason."""
+    if params.source != "auto":
+        return params.source, f"data.source is {params.source}"
+    if params.zip:
+        return "zip", f"data.zip is set ({params.zip})"
+    if has_kaggle_credentials(env):
+        return "kaggle", "Kaggle credentials found"
+    return "embedded", "no data.zip and no Kaggle credentials: using the offline digits"
+
+
+def write_embedded(dest: Path) -> None:
+    """scikit-learn's digits as `train.csv`, `test.csv`, `sample_submission.csv`.
+
+    Same columns as Kaggle's digit-recognizer (`label,pixel0..`; `ImageId,Label`), with
+    the 8x8 images scaled from 0..16 to integers 0..255. A fixed shuffle keeps 80% for
+    train and 20% for test.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.data * 255.0 / 16.0).astype(np.int64)
+    order = np.random.default_rng(0).permutation(len(pixels))
+    n_test = len(pixels) // 5
+    test_idx, train_idx = order[:n_test], order[n_test:]
+    columns = [f"pixel{i}" for i in range(pixels.shape[1])]
+
+    train = pd.DataFrame(pixels[train_idx], columns=columns)
+    train.insert(0, "label", digits.target[train_idx])
+    train.to_csv(dest / "train.csv", index=False)
+    pd.DataFrame(pixels[test_idx], columns=columns).to_csv(dest / "test.csv", index=False)
+    sample = pd.DataFrame({"ImageId": np.arange(1, n_test + 1), "Label": 0})
+    sample.to_csv(dest / "sample_submission.csv", index=False)
+
+
+def extract_zip(zip_path: Path, dest: Path) -> None:
+    """Unpack a competition zip into `dest`, flattening one top-level folder if present.
+
+    Nested zips (Kaggle ships some files as `train.csv.zip`) are unpacked too.
+    """
+    if not zip_path.is_file():
+        raise UserError(f"{zip_path}: zip file not found; check data.zip in params.yaml")
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            bad = archive.testzip()
+            if bad is not None:
+                raise UserError(f"{zip_path}: corrupt member {bad}; download the zip again")
+            for name in archive.namelist():
+                if name.startswith("/") or ".." in Path(name).parts:
+                    raise UserError(f"{zip_path}: unsafe member path {name!r}; refusing it")
+            archive.extractall(dest)
+    except zipfile.BadZipFile:
+        raise UserError(
+            f"{zip_path}: not a valid zip file (corrupt or incomplete); download it again"
+        ) from None
+    entries = [p for p in dest.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+    if len(entries) == 1 and entries[0].is_dir():
+        for child in entries[0].iterdir():
+            child.rename(dest / child.name)
+        entries[0].rmdir()
+    for inner in list(dest.glob("*.zip")):
+        extract_zip(inner, dest)
+        inner.unlink()
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """The Kaggle client prints help text on failures; keep it from the user's terminal."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def download_kaggle(competition: str, dest: Path) -> None:
+    """Download and unpack `competition` with the official client into `dest`."""
+    if competition.startswith(("http://", "https://")) or "/" in competition:
+        raise UserError(
+            f"data.competition {competition!r} looks like a URL; use the competition's "
+            "short name, e.g. digit-recognizer"
+        )
+    if not has_kaggle_credentials():
+        raise UserError(f"no Kaggle credentials found: {KAGGLE_HELP}")
+    import requests
+
+    with _quiet_stdout():
+        try:
+            from kaggle.api.kaggle_api_extended import KaggleApi
+
+            api = KaggleApi()
+            api.authenticate()
+        except SystemExit:
+            raise UserError(f"Kaggle credentials were rejected: {KAGGLE_HELP}") from None
+    download = Path(tempfile.mkdtemp(prefix=".download.", dir=dest.parent))
+    try:
+        with _quiet_stdout():
+            api.competition_download_files(competition, path=str(download), quiet=True)
+        zips = list(download.glob("*.zip"))
+        if not zips:
+            raise UserError(f"Kaggle returned no zip for competition {competition!r}")
+        extract_zip(zips[0], dest)
+    except requests.HTTPError as exc:
+        raise UserError(_explain_http_error(exc, competition)) from None
+    except requests.ConnectionError:
+        raise UserError(
+            "cannot reach the Kaggle API (no network?); download the zip by hand and set "
+            "data.source: zip, data.zip: PATH"
+        ) from None
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
+def _explain_http_error(exc, competition: str) -> str:
+    status = getattr(exc.response, "status_code", None)
+    rules = f"https://www.kaggle.com/competitions/{competition}/rules"
+    if status == 401:
+        return f"Kaggle said 401 Unauthorized: the API key is wrong or expired; {KAGGLE_HELP}"
+    if status == 403:
+        return (
+            f"Kaggle said 403 Forbidden for {competition!r}: accept the competition rules at "
+            f"{rules} (signed in as the account of your API key), then run again"
+        )
+    if status == 404:
+        return f"Kaggle has no competition named {competition!r}; check data.competition"
+    return f"Kaggle API request failed with HTTP {status} for competition {competition!r}"
+
+
+def fetch(data: DataParams, paths: Paths, env: Mapping[str, str] = os.environ) -> Path:
+    """Fetch the competition's raw files; returns the folder they are in."""
+    source, reason = choose_source(data, env)
+    log.info("fetch: source %s (%s)", source, reason)
+    dest = Path(paths.raw) / data.competition
+    with atomic_dir(dest) as tmp:
+        if source == "embedded":
+            write_embedded(tmp)
+        elif source == "zip":
+            if not data.zip:
+                raise UserError("params.yaml: data.source is zip but data.zip is not set")
+            extract_zip(Path(data.zip).expanduser(), tmp)
+        else:
+            download_kaggle(data.competition, tmp)
+        if not any(tmp.iterdir()):
+            raise UserError(f"fetch: source {source} gave no files")
+    return dest
+
+
+def main(params_path: str = "params.yaml") -> None:
+    data = load_section("data", params_path)
+    paths = load_section("paths", params_path)
+    dest = fetch(data, paths)
+    log.info("fetch: wrote %s", ", ".join(sorted(p.name for p in dest.iterdir())))

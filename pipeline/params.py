@@ -1,0 +1,199 @@
+"""`params.yaml` as typed, validated sections, read once at the edge of each stage.
+
+Every section is a frozen dataclass. `load_section("prepare")` checks the keys and value
+types of that one section and fails with a `UserError` naming the file, the key, and the
+allowed values. Deep code receives these objects, never the raw dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipeline.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass(frozen=True)
+class Paths:
+    raw: str = "data/raw"
+    prepared: str = "data/prepared"
+    models: str = "models"
+    metrics: str = "metrics"
+    reports: str = "reports"
+    submissions: str = "submissions"
+    experiments: str = "experiments"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["auto", "kaggle", "zip", "embedded"] = "auto"
+    competition: str = "digit-recognizer"
+    zip: str | None = None
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    val_fraction: float = 0.2
+    seed: int = 42
+    image_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.2")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError("must be a positive integer or null (infer from pixel count)")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 15
+    batch_size: int = 64
+    patience: int = 3
+    seed: int = 0
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.patience < 0:
+            raise ValueError("patience must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "conv-ablation"
+
+
+@dataclass(frozen=True)
+class SweepParams:
+    storage: str = "sqlite:///optuna.db"
+    n_trials: int | None = None
+    isolate: bool = False
+    n_workers: int = 1
+    max_consecutive_failures: int = 5
+    heartbeat_seconds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.n_trials is not None and self.n_trials < 1:
+            raise ValueError("n_trials must be >= 1 or null (use each experiment's budget)")
+        if self.n_workers < 1:
+            raise ValueError("n_workers must be >= 1")
+        if self.max_consecutive_failures < 1:
+            raise ValueError("max_consecutive_failures must be >= 1")
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    bootstrap: int = 2000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SubmitParams:
+    experiment: str | None = None
+    batch_size: int = 512
+
+
+SECTIONS: dict[str, type] = {
+    "paths": Paths,
+    "data": DataParams,
+    "prepare": PrepareParams,
+    "train": TrainParams,
+    "tracking": TrackingParams,
+    "sweep": SweepParams,
+    "report": ReportParams,
+    "submit": SubmitParams,
+}
+# `model` is validated by pipeline.model.ModelConfig.from_dict.
+OTHER_SECTIONS = {"model"}
+
+
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
+    """The raw mapping in `path`, with a clear error when it is missing or not YAML."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; run from the repository root") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    unknown = set(data) - set(SECTIONS) - OTHER_SECTIONS
+    if unknown:
+        allowed = ", ".join(sorted(set(SECTIONS) | OTHER_SECTIONS))
+        raise UserError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: {allowed}")
+    return data
+
+
+def load_section(name: str, path: str | Path = PARAMS_FILE, raw: dict | None = None):
+    """The typed section `name` of `params.yaml` (defaults for missing keys)."""
+    raw = read_params(path) if raw is None else raw
+    return from_dict(SECTIONS[name], raw.get(name) or {}, f"{path}: {name}")
+
+
+def from_dict(cls: type, data: Any, where: str):
+    """Build dataclass `cls` from `data`, checking keys and types; errors name `where.key`."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise UserError(
+            f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**values)
+    except ValueError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
+def check_value(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a simple type hint (int, float, str, bool, Literal, Optional)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return check_value(value, inner[0], where)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise UserError(
+                f"{where}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
+            )
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+

@@ -1,0 +1,336 @@
+"""Stage `prepare`: validate a pixel-CSV competition and turn it into image arrays.
+
+Reads `train.csv`, `test.csv` and `sample_submission.csv` from `data/raw/<competition>/`.
+Works for `digit-recognizer` (test rows numbered 1..N implicitly, submission
+`ImageId,Label`) and for competitions whose `test.csv` has an explicit id column named
+like the submission's first column (Kannada-MNIST: `id,label`). Pixels are validated,
+scaled to float32 in [0, 1], shaped (N, H, W, 1) and split stratified into train and
+validation. Writes `data/prepared/{train,val,test}.npz` and `meta.json` atomically, plus
+`metrics/data.json`.
+
+Run: `ablate prepare` (or `dvc repro prepare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_dir, write_json
+from pipeline.params import Paths, PrepareParams, load_section
+
+log = logging.getLogger(__name__)
+
+PIXEL = re.compile(r"pixel(\d+)$")
+
+
+@dataclass(frozen=True)
+class Meta:
+    """What later stages need to know about the prepared data."""
+
+    competition: str
+    id_column: str
+    label_column: str
+    explicit_ids: bool
+    n_classes: int
+    image_shape: tuple[int, int, int]
+    data_hash: str
+
+
+@dataclass
+class Dataset:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    test_ids: np.ndarray
+    meta: Meta
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """Read a CSV; missing, empty and malformed files become one-line errors."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found; run `ablate fetch` (or check data.zip)")
+    try:
+        frame = pd.read_csv(path, low_memory=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: file is empty; download the competition data again") from None
+    except pd.errors.ParserError as exc:
+        detail = str(exc).strip().splitlines()[-1]
+        raise UserError(f"{path}: malformed CSV ({detail}); fix or re-download it") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text CSV file") from None
+    if frame.empty:
+        raise UserError(f"{path}: has a header but no rows")
+    return frame
+
+
+def _line(row: int) -> int:
+    """File line of data row `row` (0-based): line 1 is the header."""
+    return row + 2
+
+
+def find_column(frame: pd.DataFrame, name: str) -> str | None:
+    """The column of `frame` called `name`, ignoring case."""
+    matches = [c for c in frame.columns if str(c).lower() == name.lower()]
+    return matches[0] if matches else None
+
+
+def pixel_columns(frame: pd.DataFrame, path: Path, allowed: set[str]) -> list[str]:
+    """The `pixel0..pixelN-1` columns, in order; anything else unexpected is an error."""
+    pixels = [c for c in frame.columns if PIXEL.match(str(c))]
+    others = [c for c in frame.columns if c not in pixels and c not in allowed]
+    if not pixels or others:
+        shown = ", ".join(map(str, list(frame.columns)[:4]))
+        expect = ", ".join(sorted(allowed) + ["pixel0", "pixel1", "..."])
+        what = f"unexpected column {others[0]!r}" if others else "no pixel columns"
+        raise UserError(
+            f"{path}: wrong or missing header ({what}; starts {shown}); expected {expect}"
+        )
+    expected = [f"pixel{i}" for i in range(len(pixels))]
+    if pixels != expected:
+        wrong = next(p for p, e in zip(pixels, expected, strict=True) if p != e)
+        raise UserError(
+            f"{path}: pixel columns must be pixel0..pixel{len(pixels) - 1} in order; "
+            f"found {wrong!r} out of place"
+        )
+    return pixels
+
+
+def image_side(n_pixels: int, path: Path, image_size: int | None) -> int:
+    """The side of a square image with `n_pixels`, checked against `prepare.image_size`."""
+    side = math.isqrt(n_pixels)
+    if image_size is not None:
+        if image_size * image_size != n_pixels:
+            raise UserError(
+                f"{path}: {n_pixels} pixel columns do not make {image_size}x{image_size} "
+                "images; fix prepare.image_size in params.yaml (or set it to null)"
+            )
+        return image_size
+    if side * side != n_pixels:
+        raise UserError(
+            f"{path}: {n_pixels} pixel columns is not a perfect square, so the images "
+            "cannot be square; set prepare.image_size or check the file"
+        )
+    return side
+
+
+def numeric_block(frame: pd.DataFrame, columns: list[str], path: Path) -> np.ndarray:
+    """`frame[columns]` as float64, rejecting text, missing values and values off 0..255."""
+    block = frame[columns]
+    for col in columns:
+        if not pd.api.types.is_numeric_dtype(block[col]):
+            coerced = pd.to_numeric(block[col], errors="coerce")
+            bad = coerced.isna() & block[col].notna()
+            if bad.any():
+                row = int(np.argmax(bad.to_numpy()))
+                raise UserError(
+                    f"{path}: line {_line(row)}, column {col}: {block[col].iloc[row]!r} is "
+                    "not a number; pixels must be numbers 0..255"
+                )
+    values = block.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    missing = np.argwhere(np.isnan(values))
+    if len(missing):
+        row, col = missing[0]
+        raise UserError(
+            f"{path}: line {_line(row)}, column {columns[col]}: missing value (NaN); "
+            "every pixel needs a value 0..255"
+        )
+    outside = np.argwhere((values < 0) | (values > 255))
+    if len(outside):
+        row, col = outside[0]
+        raise UserError(
+            f"{path}: line {_line(row)}, column {columns[col]}: {values[row, col]:g} is "
+            "outside 0..255"
+        )
+    return values
+
+
+def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """The label column as int64 (class indices 0..K-1)."""
+    raw = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(raw) | (raw != np.round(raw)) | (raw < 0)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise UserError(
+            f"{path}: line {_line(row)}, column {column}: {frame[column].iloc[row]!r} is not "
+            "a class label; labels must be integers 0, 1, 2, ..."
+        )
+    return raw.astype(np.int64)
+
+
+def unique_ids(values: pd.Series, path: Path, column: str) -> np.ndarray:
+    duplicated = values.duplicated().to_numpy()
+    if duplicated.any():
+        row = int(np.argmax(duplicated))
+        raise UserError(
+            f"{path}: line {_line(row)}, column {column}: duplicate id {values.iloc[row]!r}; "
+            "ids must be unique"
+        )
+    if values.isna().any():
+        row = int(np.argmax(values.isna().to_numpy()))
+        raise UserError(f"{path}: line {_line(row)}, column {column}: missing id")
+    return np.asarray(values.tolist())
+
+
+def submission_layout(sample: pd.DataFrame, path: Path) -> tuple[str, str]:
+    """(id column, label column) of the competition's sample submission."""
+    if sample.shape[1] != 2:
+        raise UserError(
+            f"{path}: expected two columns (id, label) like ImageId,Label; found "
+            f"{', '.join(map(str, sample.columns))}"
+        )
+    return str(sample.columns[0]), str(sample.columns[1])
+
+
+def check_test_ids(test_ids: np.ndarray, sample_ids: np.ndarray, test_path: Path,
+                   sample_path: Path) -> None:
+    """Test rows and sample submission rows must describe the same ids."""
+    if len(test_ids) != len(sample_ids):
+        raise UserError(
+            f"{test_path} has {len(test_ids)} rows but {sample_path} has {len(sample_ids)}: "
+            "they must match; re-download the competition data"
+        )
+    test_set = {str(v) for v in test_ids}
+    missing = [v for v in sample_ids if str(v) not in test_set]
+    if missing:
+        raise UserError(
+            f"{sample_path}: id {missing[0]!r} has no row in {test_path}; "
+            "test rows must match the sample submission"
+        )
+
+
+def to_images(values: np.ndarray, side: int) -> np.ndarray:
+    """Pixels 0..255 as float32 images in [0, 1] of shape (N, side, side, 1)."""
+    return (values.astype(np.float32) / 255.0).reshape(-1, side, side, 1)
+
+
+def split_train_val(x: np.ndarray, y: np.ndarray, params: PrepareParams):
+    """Stratified split; every class needs at least two rows."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
+    rare = [c for c, n in enumerate(counts) if 0 < n < 2]
+    if rare:
+        raise UserError(
+            f"train.csv: class {rare[0]} has a single row; a stratified validation split "
+            "needs at least two per class"
+        )
+    return train_test_split(
+        x, y, test_size=params.val_fraction, random_state=params.seed, stratify=y
+    )
+
+
+def data_hash(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dataset, dict]:
+    """Validate the raw CSVs and build the dataset plus its summary metrics."""
+    train_path, test_path = raw_dir / "train.csv", raw_dir / "test.csv"
+    sample_path = raw_dir / "sample_submission.csv"
+    sample = read_csv(sample_path)
+    id_column, label_column = submission_layout(sample, sample_path)
+    train, test = read_csv(train_path), read_csv(test_path)
+
+    train_label = find_column(train, label_column)
+    if train_label is None:
+        raise UserError(
+            f"{train_path}: label column {label_column.lower()!r} is missing; the training "
+            "file needs one label per row (is this test.csv?)"
+        )
+    if find_column(test, label_column) is not None:
+        raise UserError(
+            f"{test_path}: has a label column {find_column(test, label_column)!r}; test data "
+            "must not carry labels (are train.csv and test.csv swapped?)"
+        )
+    train_id, test_id = find_column(train, id_column), find_column(test, id_column)
+    train_pixels = pixel_columns(train, train_path, {train_label} | ({train_id} - {None}))
+    test_pixels = pixel_columns(test, test_path, {test_id} - {None})
+    if len(train_pixels) != len(test_pixels):
+        raise UserError(
+            f"{test_path}: {len(test_pixels)} pixel columns but {train_path} has "
+            f"{len(train_pixels)}; both must hold images of the same size"
+        )
+    side = image_side(len(train_pixels), train_path, params.image_size)
+
+    labels = integer_labels(train, train_label, train_path)
+    x_all = to_images(numeric_block(train, train_pixels, train_path), side)
+    x_test = to_images(numeric_block(test, test_pixels, test_path), side)
+    sample_ids = unique_ids(sample[id_column], sample_path, id_column)
+    if test_id is not None:
+        test_ids = unique_ids(test[test_id], test_path, test_id)
+    else:
+        test_ids = np.arange(1, len(test) + 1)
+    check_test_ids(test_ids, sample_ids, test_path, sample_path)
+
+    x_train, x_val, y_train, y_val = split_train_val(x_all, labels, params)
+    n_classes = int(labels.max()) + 1
+    meta = Meta(
+        competition=competition,
+        id_column=id_column,
+        label_column=label_column,
+        explicit_ids=test_id is not None,
+        n_classes=n_classes,
+        image_shape=(side, side, 1),
+        data_hash=data_hash(x_train, y_train, x_val, y_val, x_test),
+    )
+    metrics = {
+        "rows": {"train": len(y_train), "val": len(y_val), "test": len(x_test)},
+        "class_counts": {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=n_classes))},
+        "image_shape": list(meta.image_shape),
+        "n_classes": n_classes,
+    }
+    dataset = Dataset(x_train, y_train, x_val, y_val, x_test, test_ids, meta)
+    return dataset, metrics
+
+
+def save_prepared(dataset: Dataset, dest: Path) -> None:
+    """Write the arrays and `meta.json` into `dest`, replacing it atomically."""
+    with atomic_dir(dest) as tmp:
+        np.savez(tmp / "train.npz", x=dataset.x_train, y=dataset.y_train)
+        np.savez(tmp / "val.npz", x=dataset.x_val, y=dataset.y_val)
+        np.savez(tmp / "test.npz", x=dataset.x_test, ids=dataset.test_ids)
+        (tmp / "meta.json").write_text(json.dumps(asdict(dataset.meta), indent=2) + "\n")
+
+
+def load_prepared(folder: str | Path) -> Dataset:
+    """Read what `save_prepared` wrote."""
+    folder = Path(folder)
+    if not (folder / "meta.json").is_file():
+        raise UserError(f"{folder}: no prepared data; run `ablate prepare` (or `dvc repro`)")
+    raw = json.loads((folder / "meta.json").read_text())
+    raw["image_shape"] = tuple(raw["image_shape"])
+    meta = Meta(**raw)
+    with np.load(folder / "train.npz") as tr, np.load(folder / "val.npz") as va, \
+            np.load(folder / "test.npz", allow_pickle=True) as te:
+        return Dataset(tr["x"], tr["y"], va["x"], va["y"], te["x"], te["ids"], meta)
+
+
+def main(params_path: str = "params.yaml") -> None:
+    paths: Paths = load_section("paths", params_path)
+    params: PrepareParams = load_section("prepare", params_path)
+    competition = load_section("data", params_path).competition
+    dataset, metrics = prepare(Path(paths.raw) / competition, competition, params)
+    save_prepared(dataset, Path(paths.prepared))
+    write_json(Path(paths.metrics) / "data.json", metrics)
+    rows = metrics["rows"]
+    log.info(
+        "prepare: %d train, %d validation, %d test images of %s, %d classes",
+        rows["train"], rows["val"], rows["test"], "x".join(map(str, metrics["image_shape"])),
+        metrics["n_classes"],
+    )
