@@ -19,7 +19,8 @@ EXIT_USER_ERROR = 2
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri)")
     p.add_argument("--n-workers", type=int, help="worker processes (default: sweep.n_workers)")
 
-    p = sub.add_parser("worker", help="join an existing study and run trials until its budget is spent")
+    p = sub.add_parser("worker",
+                       help="join an existing study and run trials until its budget is spent")
     _add_params(p)
     p.add_argument("--experiment", required=True, help="experiment name, e.g. joint")
     p.add_argument("--storage", help="Optuna storage URL shared by all workers")
     p.add_argument("--tracking-uri", help="MLflow tracking server shared by all workers")
     p.add_argument("--wait", type=float, default=600.0,
                    help="seconds to wait for the study to be created (default: %(default)s)")
+    p.add_argument("--max-trials", type=int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("report", help="summarise the studies into reports/ablation.md")
     _add_params(p)
@@ -71,12 +74,18 @@ def _configure_logging(verbose: bool) -> None:
     for noisy in ("tensorflow", "absl", "alembic", "mlflow", "urllib3", "optuna", "h5py"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+# command -> (module, function); each stage module's `main` takes the params path first.
+ENTRY_POINTS = {"worker": ("pipeline.sweep", "worker_main")}
 
 
 def run(args: argparse.Namespace) -> None:
-    module = importlib.import_module(f"pipeline.{args.command}")
+    module, function = ENTRY_POINTS.get(args.command, (f"pipeline.{args.command}", "main"))
+    entry = getattr(importlib.import_module(module), function)
     options = {k: v for k, v in vars(args).items() if k not in {"command", "verbose", "params"}}
-    module.main(args.params, **options)
+    entry(args.params, **options)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -93,6 +94,19 @@ def extract_zip(zip_path: Path, dest: Path) -> None:
     """
     if not zip_path.is_file():
         raise UserError(f"{zip_path}: zip file not found; check data.zip in params.yaml")
+    _unpack(zip_path, dest)
+    entries = [p for p in dest.iterdir() if not p.name.startswith(("__MACOSX", "."))]
+    if len(entries) == 1 and entries[0].is_dir():
+        for child in entries[0].iterdir():
+            child.rename(dest / child.name)
+        entries[0].rmdir()
+    # One level only, and no flattening: an inner `train.zip` holding `train/` keeps it.
+    for inner in list(dest.glob("*.zip")):
+        _unpack(inner, dest)
+        inner.unlink()
+
+
+def _unpack(zip_path: Path, dest: Path) -> None:
     try:
         with zipfile.ZipFile(zip_path) as archive:
             bad = archive.testzip()
@@ -102,18 +116,11 @@ def extract_zip(zip_path: Path, dest: Path) -> None:
                 if name.startswith("/") or ".." in Path(name).parts:
                     raise UserError(f"{zip_path}: unsafe member path {name!r}; refusing it")
             archive.extractall(dest)
-    except zipfile.BadZipFile:
+    # A damaged deflate stream surfaces as zlib.error or EOFError, not BadZipFile.
+    except (zipfile.BadZipFile, zlib.error, EOFError):
         raise UserError(
             f"{zip_path}: not a valid zip file (corrupt or incomplete); download it again"
         ) from None
-    entries = [p for p in dest.iterdir() if not p.name.startswith(("__MACOSX", "."))]
-    if len(entries) == 1 and entries[0].is_dir():
-        for child in entries[0].iterdir():
-            child.rename(dest / child.name)
-        entries[0].rmdir()
-    for inner in list(dest.glob("*.zip")):
-        extract_zip(inner, dest)
-        inner.unlink()
 
 
 @contextlib.contextmanager
@@ -134,17 +141,17 @@ def download_kaggle(competition: str, dest: Path) -> None:
         raise UserError(f"no Kaggle credentials found: {KAGGLE_HELP}")
     import requests
 
-    with _quiet_stdout():
-        try:
-            from kaggle.api.kaggle_api_extended import KaggleApi
-
-            api = KaggleApi()
-            api.authenticate()
-        except SystemExit:
-            raise UserError(f"Kaggle credentials were rejected: {KAGGLE_HELP}") from None
     download = Path(tempfile.mkdtemp(prefix=".download.", dir=dest.parent))
+    # authenticate() is inside the HTTP handlers: an access token is checked online.
     try:
         with _quiet_stdout():
+            try:
+                from kaggle.api.kaggle_api_extended import KaggleApi
+
+                api = KaggleApi()
+                api.authenticate()
+            except SystemExit:
+                raise UserError(f"Kaggle credentials were rejected: {KAGGLE_HELP}") from None
             api.competition_download_files(competition, path=str(download), quiet=True)
         zips = list(download.glob("*.zip"))
         if not zips:

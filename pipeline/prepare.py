@@ -70,9 +70,29 @@ def read_csv(path: Path) -> pd.DataFrame:
         raise UserError(f"{path}: malformed CSV ({detail}); fix or re-download it") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a text CSV file") from None
+    if _is_number(frame.columns[0]):
+        # pandas took the first data row as the header; say so, not "column missing".
+        shown = ",".join(map(str, list(frame.columns)[:4]))
+        raise UserError(
+            f"{path}: wrong or missing header (line 1 starts {shown}, which is data); "
+            "the first line must name the columns, e.g. label,pixel0,pixel1,... or ImageId,Label"
+        )
     if frame.empty:
         raise UserError(f"{path}: has a header but no rows")
     return frame
+
+
+def _is_number(text: object) -> bool:
+    try:
+        float(str(text))
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(value: object) -> str:
+    """`repr` of a cell without numpy 2's `np.int64(...)` wrapper."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
 
 
 def _line(row: int) -> int:
@@ -135,7 +155,7 @@ def numeric_block(frame: pd.DataFrame, columns: list[str], path: Path) -> np.nda
             if bad.any():
                 row = int(np.argmax(bad.to_numpy()))
                 raise UserError(
-                    f"{path}: line {_line(row)}, column {col}: {block[col].iloc[row]!r} is "
+                    f"{path}: line {_line(row)}, column {col}: {_shown(block[col].iloc[row])} is "
                     "not a number; pixels must be numbers 0..255"
                 )
     values = block.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
@@ -163,7 +183,7 @@ def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
     if bad.any():
         row = int(np.argmax(bad))
         raise UserError(
-            f"{path}: line {_line(row)}, column {column}: {frame[column].iloc[row]!r} is not "
+            f"{path}: line {_line(row)}, column {column}: {_shown(frame[column].iloc[row])} is not "
             "a class label; labels must be integers 0, 1, 2, ..."
         )
     return raw.astype(np.int64)
@@ -174,7 +194,7 @@ def unique_ids(values: pd.Series, path: Path, column: str) -> np.ndarray:
     if duplicated.any():
         row = int(np.argmax(duplicated))
         raise UserError(
-            f"{path}: line {_line(row)}, column {column}: duplicate id {values.iloc[row]!r}; "
+            f"{path}: line {_line(row)}, column {column}: duplicate id {_shown(values.iloc[row])}; "
             "ids must be unique"
         )
     if values.isna().any():
@@ -205,7 +225,7 @@ def check_test_ids(test_ids: np.ndarray, sample_ids: np.ndarray, test_path: Path
     missing = [v for v in sample_ids if str(v) not in test_set]
     if missing:
         raise UserError(
-            f"{sample_path}: id {missing[0]!r} has no row in {test_path}; "
+            f"{sample_path}: id {_shown(missing[0])} has no row in {test_path}; "
             "test rows must match the sample submission"
         )
 
@@ -225,6 +245,15 @@ def split_train_val(x: np.ndarray, y: np.ndarray, params: PrepareParams):
         raise UserError(
             f"train.csv: class {rare[0]} has a single row; a stratified validation split "
             "needs at least two per class"
+        )
+    # sklearn's own rule (ceil for the test side); it would raise a bare ValueError.
+    n_val = math.ceil(params.val_fraction * len(y))
+    n_present = int(np.count_nonzero(counts))
+    if min(n_val, len(y) - n_val) < n_present:
+        raise UserError(
+            f"train.csv: {len(y)} rows split {len(y) - n_val} train / {n_val} validation "
+            f"(prepare.val_fraction {params.val_fraction}) cannot hold all {n_present} "
+            "classes on both sides; use more rows or change prepare.val_fraction"
         )
     return train_test_split(
         x, y, test_size=params.val_fraction, random_state=params.seed, stratify=y
@@ -291,7 +320,9 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
     )
     metrics = {
         "rows": {"train": len(y_train), "val": len(y_val), "test": len(x_test)},
-        "class_counts": {str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=n_classes))},
+        "class_counts": {
+            str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=n_classes))
+        },
         "image_shape": list(meta.image_shape),
         "n_classes": n_classes,
     }

@@ -1,0 +1,257 @@
+"""Declarative ablation studies: `experiments/<name>.yaml`, validated, and turned into trials.
+
+An experiment file holds only what differs from the base model in `params.yaml`: the
+factors and their levels (a list) or ranges (`{low, high, log}`), the sampler, pruner,
+budget and objective. Each factor is one field of the model config. This is the only
+module that calls `trial.suggest_*`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import UserError
+from pipeline.model import ACTIVATIONS, PADDINGS, POOLINGS, REGULARIZATIONS, ModelConfig
+from pipeline.params import TrainParams
+from pipeline.train import OBJECTIVES
+
+
+@dataclass(frozen=True)
+class Factor:
+    """How one ablation factor maps onto the config."""
+
+    target: str  # "block": every conv block; "model": the model; "train": training
+    kind: type
+    allowed: tuple | None = None
+
+
+FACTORS: dict[str, Factor] = {
+    "padding": Factor("block", str, PADDINGS),
+    "strides": Factor("block", int),
+    "dilation_rate": Factor("block", int),
+    "kernel_size": Factor("block", int),
+    "pooling": Factor("block", str, POOLINGS),
+    "pool_size": Factor("block", int),
+    "regularization": Factor("block", str, REGULARIZATIONS),
+    "dropout_rate": Factor("block", float),
+    "activation": Factor("block", str, ACTIVATIONS),
+    "width": Factor("model", float),  # multiplies every block's filters
+    "dense_dropout": Factor("model", float),
+    "learning_rate": Factor("model", float),
+    "seed": Factor("train", int),
+}
+SAMPLERS = ("grid", "tpe", "random")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+KEYS = ("description", "factors", "repeats", "sampler", "pruner", "n_trials", "objective",
+        "direction", "base_level")
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    factors: dict[str, tuple | Range]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    n_trials: int
+    repeats: int = 1
+    objective: str = "val_accuracy"
+    direction: str = "maximize"
+    description: str = ""
+    base_level: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def is_grid(self) -> bool:
+        return self.sampler["name"] == "grid"
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every level of every factor times each seed, seed-major (all levels of seed 0
+        first), so a partial budget still covers every level."""
+        names = list(self.factors)
+        combos = itertools.product(*(self.factors[n] for n in names))
+        points = [dict(zip(names, c, strict=True)) for c in combos]
+        return [{**p, "seed": s} for s in range(self.repeats) for p in points]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "factors": {k: (dataclasses.asdict(v) if isinstance(v, Range) else list(v))
+                        for k, v in self.factors.items()},
+            "sampler": self.sampler, "pruner": self.pruner, "repeats": self.repeats,
+            "objective": self.objective, "direction": self.direction,
+        }
+
+
+def _named(value: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+    """`tpe` or `{name: tpe, seed: 0}` -> a dict with `name`."""
+    spec = {"name": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict) or spec.get("name") not in allowed:
+        raise UserError(f"{where}: {value!r} is not allowed; use one of {', '.join(allowed)}")
+    return dict(spec)
+
+
+def _levels(name: str, raw: Any, where: str) -> tuple | Range:
+    factor = FACTORS[name]
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"low", "high", "log"}
+        if unknown or "low" not in raw or "high" not in raw or factor.kind is str:
+            raise UserError(f"{where}: a range needs low and high (and optional log: true), "
+                            f"for a numeric factor; got {raw!r}")
+        if not raw["low"] < raw["high"]:
+            raise UserError(f"{where}: low must be below high; got {raw!r}")
+        return Range(factor.kind(raw["low"]), factor.kind(raw["high"]), bool(raw.get("log")))
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{where}: expected a list of levels or a {{low, high}} range")
+    levels = []
+    for level in raw:
+        if factor.allowed is not None and level not in factor.allowed:
+            raise UserError(f"{where}: level {level!r} is not allowed; use one of "
+                            f"{', '.join(map(str, factor.allowed))}")
+        if factor.kind is not str and (isinstance(level, bool | str)
+                                       or not isinstance(level, int | float)):
+            raise UserError(f"{where}: level {level!r} must be a number")
+        if factor.kind is int and level != int(level):
+            raise UserError(f"{where}: level {level!r} must be an integer")
+        levels.append(factor.kind(level))
+    if len(set(levels)) != len(levels):
+        raise UserError(f"{where}: levels must be distinct; got {raw!r}")
+    return tuple(levels)
+
+
+def parse_experiment(name: str, data: Any, where: str, n_trials_override: int | None = None,
+                     base: ModelConfig | None = None) -> Experiment:
+    """Validate one experiment mapping; errors name `where` (the file) and the key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping with at least `factors:`")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(KEYS)}")
+    factors_raw = data.get("factors")
+    if not isinstance(factors_raw, dict) or not factors_raw:
+        raise UserError(f"{where}: factors: expected a mapping of factor -> levels")
+    factors = {}
+    for factor, raw in factors_raw.items():
+        if factor not in FACTORS:
+            raise UserError(f"{where}: factors.{factor}: unknown factor; use one of "
+                            f"{', '.join(FACTORS)}")
+        factors[factor] = _levels(factor, raw, f"{where}: factors.{factor}")
+    sampler = _named(data.get("sampler", "grid"), SAMPLERS, f"{where}: sampler")
+    pruner = _named(data.get("pruner", "none"), PRUNERS, f"{where}: pruner")
+    objective = data.get("objective", "val_accuracy")
+    if objective not in OBJECTIVES:
+        raise UserError(f"{where}: objective: {objective!r} is not a metric the training "
+                        f"produces; use one of {', '.join(OBJECTIVES)}")
+    direction = data.get("direction", "maximize" if objective == "val_accuracy" else "minimize")
+    if direction not in ("maximize", "minimize"):
+        raise UserError(f"{where}: direction: use maximize or minimize, not {direction!r}")
+    repeats = data.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise UserError(f"{where}: repeats: expected an integer >= 1, got {repeats!r}")
+    if sampler["name"] == "grid":
+        if any(isinstance(v, Range) for v in factors.values()):
+            raise UserError(f"{where}: sampler grid needs lists of levels, not ranges")
+        if "seed" in factors:
+            raise UserError(f"{where}: factors.seed: use `repeats` for seeds in a grid study")
+        grid_size = repeats * len(list(itertools.product(*factors.values())))
+        n_trials = data.get("n_trials", grid_size)
+    else:
+        n_trials = data.get("n_trials")
+    if n_trials_override is not None:
+        n_trials = n_trials_override
+    if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
+        raise UserError(f"{where}: n_trials: expected an integer >= 1, got {n_trials!r}")
+    if sampler["name"] == "grid":
+        n_trials = min(n_trials, grid_size)
+    base_level = data.get("base_level") or {}
+    if base is not None and not base_level:
+        base_level = base_levels(base, factors)
+    return Experiment(name, factors, sampler, pruner, n_trials, repeats, objective, direction,
+                      str(data.get("description", "")), base_level)
+
+
+def base_levels(base: ModelConfig, factors: dict) -> dict[str, Any]:
+    """The level of each factor that the base model already uses (its last conv block's
+    value for block factors); an experiment file can name another with `base_level`."""
+    levels = {}
+    for name in factors:
+        factor = FACTORS[name]
+        if factor.target == "block" and base.blocks:
+            levels[name] = getattr(base.blocks[-1], name)
+        elif name == "width":
+            levels[name] = 1.0
+        elif factor.target == "model":
+            levels[name] = getattr(base, name)
+    return levels
+
+
+def load_experiment(folder: str | Path, name: str, n_trials_override: int | None = None,
+                    base: ModelConfig | None = None) -> Experiment:
+    path = Path(folder) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
+        raise UserError(f"{path}: no such experiment; known: {', '.join(known) or 'none'}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
+    return parse_experiment(name, data, str(path), n_trials_override, base)
+
+
+def suggest(trial, experiment: Experiment) -> dict[str, Any]:
+    """Sample one value per factor (plus `seed` in grid studies). Names are stable."""
+    values: dict[str, Any] = {}
+    for name, levels in experiment.factors.items():
+        if isinstance(levels, Range):
+            if FACTORS[name].kind is int:
+                values[name] = trial.suggest_int(name, int(levels.low), int(levels.high),
+                                                 log=levels.log)
+            else:
+                values[name] = trial.suggest_float(name, levels.low, levels.high, log=levels.log)
+        else:
+            values[name] = trial.suggest_categorical(name, list(levels))
+    if experiment.is_grid:
+        values["seed"] = trial.suggest_categorical("seed", list(range(experiment.repeats)))
+    return values
+
+
+def apply_factors(base: ModelConfig, train: TrainParams,
+                  values: dict[str, Any]) -> tuple[ModelConfig, TrainParams]:
+    """The base config with each factor's value written into its field(s)."""
+    block_changes = {k: v for k, v in values.items() if FACTORS[k].target == "block"}
+    blocks = tuple(dataclasses.replace(b, **block_changes) for b in base.blocks)
+    if "width" in values:
+        blocks = tuple(dataclasses.replace(b, filters=max(1, round(b.filters * values["width"])))
+                       for b in blocks)
+    model_changes = {k: v for k, v in values.items()
+                     if FACTORS[k].target == "model" and k != "width"}
+    config = dataclasses.replace(base, blocks=blocks, **model_changes)
+    if "seed" in values:
+        train = dataclasses.replace(train, seed=train.seed + int(values["seed"]))
+    return config, train
+
+
+def study_name(experiment: Experiment, base: ModelConfig, train: TrainParams,
+               data_hash: str) -> str:
+    """Stable across machines and runs; changes when anything that defines the study does.
+
+    The budget (`n_trials`) is left out on purpose: raising it continues the same study.
+    """
+    payload = json.dumps(
+        {"experiment": experiment.to_dict(), "model": base.to_dict(),
+         "train": dataclasses.asdict(train), "data": data_hash},
+        sort_keys=True, default=str,
+    )
+    return f"{experiment.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"

@@ -1,0 +1,245 @@
+"""MLflow at the edge: the only module that creates runs and logs to them.
+
+`Tracker.connect` fails fast when the tracking URI cannot be reached (before any
+training). Runs are created through `MlflowClient` with explicit run ids, so one process
+can write a parent run and many child runs, and workers on other machines can add
+children to the same parent (`mlflow.parentRunId`). Per-epoch metrics go in one batched
+call per epoch; full `mlflow.keras.log_model` is reserved for best models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail within seconds when `uri` cannot work, instead of after training."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise UserError(
+                f"tracking.uri {uri}: cannot reach the MLflow server ({type(exc).__name__}); "
+                "start it (`mlflow server --host 127.0.0.1 --port 5000`) or fix tracking.uri"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if path is not None and not path.parent.resolve().is_dir():
+            raise UserError(f"tracking.uri {uri}: folder {path.parent} does not exist")
+
+
+def _flush(metrics: dict[str, float], step: int):
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+
+
+class Tracker:
+    """A connection to one MLflow experiment."""
+
+    def __init__(self, client, experiment_id: str, uri: str):
+        self.client = client
+        self.experiment_id = experiment_id
+        self.uri = uri
+
+    @classmethod
+    def connect(cls, uri: str, experiment: str) -> Tracker:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        try:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = (found.experiment_id if found
+                             else client.create_experiment(experiment))
+        except Exception as exc:  # a race with another worker creating it, or a bad store
+            found = client.get_experiment_by_name(experiment)
+            if found is None:
+                raise UserError(f"tracking.uri {uri}: cannot use experiment {experiment!r}: "
+                                f"{str(exc).splitlines()[0]}") from None
+            experiment_id = found.experiment_id
+        return cls(client, experiment_id, uri)
+
+    # -- runs ---------------------------------------------------------------------------
+    def start_run(self, name: str, params: dict[str, Any] | None = None,
+                  tags: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
+        from mlflow.entities import Param
+
+        all_tags = {RUN_NAME_TAG: name, **(tags or {})}
+        if parent_id:
+            all_tags[PARENT_TAG] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={k: str(v) for k, v in all_tags.items()})
+        run_id = run.info.run_id
+        items = [Param(k, str(v)) for k, v in (params or {}).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[start:start + 100])
+        return run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED",
+                tags: dict[str, Any] | None = None) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self.client.log_batch(run_id, metrics=_flush(metrics, step))
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path:
+        return Path(self.client.download_artifacts(run_id, path, str(dest)))
+
+    def epoch_logger(self, run_id: str):
+        """A Keras callback that logs each epoch's metrics in one batched call."""
+        import keras
+
+        tracker = self
+
+        class EpochLogger(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                logs = {k: v for k, v in (logs or {}).items() if k in _EPOCH_KEYS}
+                tracker.client.log_batch(run_id, metrics=_flush(logs, epoch))
+
+        return EpochLogger()
+
+    def runs_under(self, parent_id: str, status: str | None = None) -> list:
+        query = f"tags.`{PARENT_TAG}` = '{parent_id}'"
+        if status:
+            query += f" and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], query, max_results=50000)
+
+    # -- models ---------------------------------------------------------------------------
+    def log_keras_model(self, run_id: str, model, example: np.ndarray,
+                        registered_name: str | None = None, alias: str = "champion") -> str:
+        """Log `model` with a signature under `run_id`; optionally register it with an alias."""
+        import mlflow
+        from mlflow.models import infer_signature
+
+        signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
+        with mlflow.start_run(run_id=run_id), _quiet():
+            info = mlflow.keras.log_model(
+                model, name="model", signature=signature,
+                registered_model_name=registered_name,
+            )
+        if registered_name:
+            versions = self.client.search_model_versions(f"name='{registered_name}'")
+            mine = [v for v in versions if v.run_id == run_id] or versions
+            latest = max(mine, key=lambda v: int(v.version))
+            self.client.set_registered_model_alias(registered_name, alias, latest.version)
+        return info.model_uri
+
+    # -- the `train` stage: one fully-recorded run -----------------------------------------
+    def train_run(self, config, params, data, checkpoint: Path):
+        """Train `config` once with every param, metric and artifact recorded."""
+        from pipeline.model import flatten_config
+        from pipeline.train import train
+
+        run_id = self.start_run(
+            "train-base",
+            params={**flatten_config(config), **{f"train.{k}": v for k, v in vars(params).items()}},
+            tags=run_tags(data),
+        )
+        try:
+            result = train(config, params, data, callbacks=[self.epoch_logger(run_id)])
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                write_run_artifacts(result, data, Path(tmp))
+                result.model.save(Path(tmp) / "best.keras")
+                self.log_artifacts(run_id, Path(tmp))
+                Path(tmp, "best.keras").replace(checkpoint)
+            self.log_metrics(run_id, {f"best_{k}": v for k, v in result.metrics.items()})
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id)
+        return result
+
+
+_EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def run_tags(data) -> dict[str, str]:
+    return {
+        "competition": data.meta.competition,
+        "data_hash": data.meta.data_hash,
+        "git_commit": git_commit(),
+    }
+
+
+def model_summary(model) -> str:
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+    return "\n".join(lines) + "\n"
+
+
+def write_run_artifacts(result, data, folder: Path) -> list[Path]:
+    """Summary, learning curves, confusion matrix, first-layer kernels and feature maps."""
+    from sklearn.metrics import confusion_matrix
+
+    from pipeline import plots
+    from pipeline.train import predict_labels
+
+    model = result.model
+    (folder / "model_summary.txt").write_text(model_summary(model))
+    written = [folder / "model_summary.txt"]
+    written.append(plots.learning_curves(result.history, folder / "learning_curves.png"))
+    predicted = predict_labels(model, data.x_val)
+    matrix = confusion_matrix(data.y_val, predicted, labels=range(data.meta.n_classes))
+    written.append(plots.confusion_matrix(matrix, folder / "confusion_matrix.png"))
+    conv = next((layer for layer in model.layers if layer.name == "conv0"), None)
+    if conv is not None:
+        kernels = np.asarray(conv.get_weights()[0])  # (k, k, in, filters)
+        written.append(plots.image_grid(np.moveaxis(kernels[:, :, 0, :], -1, 0),
+                                        folder / "conv0_kernels.png", "conv0 kernels"))
+        import keras
+
+        probe = keras.Model(model.inputs, model.get_layer("act0").output)
+        maps = np.asarray(probe.predict(data.x_val[:1], verbose=0))[0]
+        written.append(plots.image_grid(np.moveaxis(maps, -1, 0), folder / "conv0_feature_maps.png",
+                                        f"conv0 feature maps (validation image, label {data.y_val[0]})"))
+    return written

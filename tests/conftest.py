@@ -1,0 +1,196 @@
+"""Shared fixtures: tiny real competitions, params files, and a throwaway DVC repository.
+
+Fixtures build real inputs and shrink them (a few 4x4 images) instead of mocking. The
+factories (`make_competition`, `write_params`, `run_cmd`) return plain functions so that a
+test states only what differs from a good default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# What `dvc repro` needs from the repository; everything else stays behind.
+REPO_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".dvc/config",
+              ".dvc/.gitignore")
+REPO_DIRS = ("pipeline", "experiments")
+
+LAYOUTS = ("digit-recognizer", "kannada")
+
+
+@dataclass(frozen=True)
+class Competition:
+    """What `make_competition` wrote, for tests to compare against."""
+
+    folder: Path
+    layout: str
+    side: int
+    n_classes: int
+    train: pd.DataFrame
+    test: pd.DataFrame
+    sample: pd.DataFrame
+
+    @property
+    def train_path(self) -> Path:
+        return self.folder / "train.csv"
+
+    @property
+    def test_path(self) -> Path:
+        return self.folder / "test.csv"
+
+    @property
+    def sample_path(self) -> Path:
+        return self.folder / "sample_submission.csv"
+
+    @property
+    def id_column(self) -> str:
+        return str(self.sample.columns[0])
+
+    @property
+    def label_column(self) -> str:
+        return str(self.sample.columns[1])
+
+
+def write_competition(
+    folder: Path,
+    layout: str = "digit-recognizer",
+    *,
+    side: int = 4,
+    n_classes: int = 3,
+    per_class: int = 10,
+    n_test: int = 6,
+    test_ids: Sequence | None = None,
+    seed: int = 0,
+) -> Competition:
+    """Write a synthetic pixel-CSV competition (`train.csv`, `test.csv`,
+    `sample_submission.csv`) into `folder`.
+
+    `digit-recognizer`: train `label,pixel0..`, test `pixel0..`, sample `ImageId,Label`
+    with ImageId 1..N. `kannada` (Kannada-MNIST): train `label,pixel0..`, test
+    `id,pixel0..`, sample `id,label`; ids are 0..N-1 unless `test_ids` is given.
+    Pixels are integers 0..255; train holds `per_class` rows of each class, shuffled.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    columns = [f"pixel{i}" for i in range(side * side)]
+    labels = rng.permutation(np.repeat(np.arange(n_classes), per_class))
+
+    train = pd.DataFrame(rng.integers(0, 256, (len(labels), side * side)), columns=columns)
+    train.insert(0, "label", labels)
+    test = pd.DataFrame(rng.integers(0, 256, (n_test, side * side)), columns=columns)
+    if layout == "digit-recognizer":
+        sample = pd.DataFrame({"ImageId": np.arange(1, n_test + 1), "Label": 0})
+    else:
+        ids = np.arange(n_test) if test_ids is None else np.asarray(test_ids)
+        if len(ids) != n_test:
+            raise ValueError(f"test_ids needs {n_test} values, got {len(ids)}")
+        test.insert(0, "id", ids)
+        sample = pd.DataFrame({"id": ids, "label": 0})
+
+    train.to_csv(folder / "train.csv", index=False)
+    test.to_csv(folder / "test.csv", index=False)
+    sample.to_csv(folder / "sample_submission.csv", index=False)
+    return Competition(folder, layout, side, n_classes, train, test, sample)
+
+
+@pytest.fixture
+def make_competition() -> Callable[..., Competition]:
+    """`make_competition(folder, layout, side=4, n_classes=3, ...)`: see `write_competition`."""
+    return write_competition
+
+
+@pytest.fixture
+def embedded_raw(tmp_path: Path) -> Path:
+    """`tmp_path/data/raw/digit-recognizer` holding the offline 8x8 digits from `fetch`."""
+    from pipeline.fetch import write_embedded
+
+    dest = tmp_path / "data" / "raw" / "digit-recognizer"
+    dest.mkdir(parents=True)
+    write_embedded(dest)
+    return dest
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def write_params_file(path: Path, **sections: dict) -> Path:
+    """Write a params file at `path`: the repository's `params.yaml` with `sections` merged
+    in (nested keys override one by one). Returns `path`."""
+    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
+    path.write_text(yaml.safe_dump(_merge(base, sections), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def write_params() -> Callable[..., Path]:
+    """`write_params(path, data={"source": "embedded"}, ...)`: see `write_params_file`."""
+    return write_params_file
+
+
+def _venv_env(cwd: Path) -> dict[str, str]:
+    """The environment for a subprocess: this interpreter's scripts (`ablate`, `dvc`) first
+    on PATH, and the `pipeline` package imported from `cwd` when it has one."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if (cwd / "pipeline").is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
+    env["DVC_NO_ANALYTICS"] = "1"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    return env
+
+
+@pytest.fixture
+def run_cmd() -> Callable[..., subprocess.CompletedProcess]:
+    """`run_cmd(["ablate", "prepare"], cwd=path)`: run a command as a user would, with
+    this virtualenv's scripts on PATH; returns the completed process (text output)."""
+
+    def run(args: Sequence[str], cwd: Path, timeout: float = 300, **kwargs):
+        return subprocess.run(
+            list(args), cwd=cwd, env=_venv_env(Path(cwd)), capture_output=True, text=True,
+            timeout=timeout, check=False, **kwargs,
+        )
+
+    return run
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh git + DVC repository in `tmp_path/repo` holding the pipeline's code,
+    `dvc.yaml`, `params.yaml` and DVC config (no data, no `dvc.lock`). DVC's site cache
+    goes under `tmp_path` too, so nothing outside it is touched."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in REPO_FILES:
+        if (REPO_ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, repo / name)
+    for name in REPO_DIRS:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, repo / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if not (repo / ".dvc" / "config").is_file():
+        pytest.fail(f"{REPO_ROOT}/.dvc/config is missing: is this a DVC repository?")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, capture_output=True)
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
+    return repo
