@@ -38,6 +38,13 @@ class DataParams:
     competition: str = "digit-recognizer"
     zip: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.competition or "/" in self.competition or ":" in self.competition:
+            raise ValueError(
+                f"competition {self.competition!r} must be the competition's short name as in "
+                "its URL, e.g. digit-recognizer (not the URL itself)"
+            )
+
 
 @dataclass(frozen=True)
 class PrepareParams:

@@ -240,6 +240,7 @@ def write_run_artifacts(result, data, folder: Path) -> list[Path]:
 
         probe = keras.Model(model.inputs, model.get_layer("act0").output)
         maps = np.asarray(probe.predict(data.x_val[:1], verbose=0))[0]
-        written.append(plots.image_grid(np.moveaxis(maps, -1, 0), folder / "conv0_feature_maps.png",
-                                        f"conv0 feature maps (validation image, label {data.y_val[0]})"))
+        title = f"conv0 feature maps (validation image, label {data.y_val[0]})"
+        written.append(plots.image_grid(np.moveaxis(maps, -1, 0),
+                                        folder / "conv0_feature_maps.png", title))
     return written
