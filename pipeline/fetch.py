@@ -11,8 +11,6 @@ Run: `ablate fetch` (or `dvc repro fetch`).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
@@ -27,30 +25,10 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_dir
+from pipeline.kaggle_client import has_kaggle_credentials, kaggle_api
 from pipeline.params import DataParams, Paths, load_section
 
 log = logging.getLogger(__name__)
-
-KAGGLE_HELP = (
-    "create an API token at https://www.kaggle.com/settings (Account > API > Create New "
-    "Token) and save it as ~/.kaggle/kaggle.json (chmod 600), or set KAGGLE_USERNAME and "
-    "KAGGLE_KEY; or download the zip by hand and set data.source: zip, data.zip: PATH"
-)
-
-
-def kaggle_config_dir(env: Mapping[str, str]) -> Path:
-    return Path(env.get("KAGGLE_CONFIG_DIR") or Path(env.get("HOME", "~")) / ".kaggle")
-
-
-def has_kaggle_credentials(env: Mapping[str, str] = os.environ) -> bool:
-    """True when the official client would find credentials (it is not asked)."""
-    if env.get("KAGGLE_USERNAME") and env.get("KAGGLE_KEY"):
-        return True
-    if env.get("KAGGLE_API_TOKEN"):
-        return True
-    folder = kaggle_config_dir(env).expanduser()
-    return (folder / "kaggle.json").is_file() or (folder / "access_token").is_file()
-
 
 def choose_source(params: DataParams, env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """The concrete source for `params.source` and a one-line reason."""
@@ -123,64 +101,18 @@ def _unpack(zip_path: Path, dest: Path) -> None:
         ) from None
 
 
-@contextlib.contextmanager
-def _quiet_stdout():
-    """The Kaggle client prints help text on failures; keep it from the user's terminal."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
 def download_kaggle(competition: str, dest: Path) -> None:
     """Download and unpack `competition` with the official client into `dest`."""
-    if competition.startswith(("http://", "https://")) or "/" in competition:
-        raise UserError(
-            f"data.competition {competition!r} looks like a URL; use the competition's "
-            "short name, e.g. digit-recognizer"
-        )
-    if not has_kaggle_credentials():
-        raise UserError(f"no Kaggle credentials found: {KAGGLE_HELP}")
-    import requests
-
     download = Path(tempfile.mkdtemp(prefix=".download.", dir=dest.parent))
-    # authenticate() is inside the HTTP handlers: an access token is checked online.
     try:
-        with _quiet_stdout():
-            try:
-                from kaggle.api.kaggle_api_extended import KaggleApi
-
-                api = KaggleApi()
-                api.authenticate()
-            except SystemExit:
-                raise UserError(f"Kaggle credentials were rejected: {KAGGLE_HELP}") from None
+        with kaggle_api(competition) as api:
             api.competition_download_files(competition, path=str(download), quiet=True)
         zips = list(download.glob("*.zip"))
         if not zips:
             raise UserError(f"Kaggle returned no zip for competition {competition!r}")
         extract_zip(zips[0], dest)
-    except requests.HTTPError as exc:
-        raise UserError(_explain_http_error(exc, competition)) from None
-    except requests.ConnectionError:
-        raise UserError(
-            "cannot reach the Kaggle API (no network?); download the zip by hand and set "
-            "data.source: zip, data.zip: PATH"
-        ) from None
     finally:
         shutil.rmtree(download, ignore_errors=True)
-
-
-def _explain_http_error(exc, competition: str) -> str:
-    status = getattr(exc.response, "status_code", None)
-    rules = f"https://www.kaggle.com/competitions/{competition}/rules"
-    if status == 401:
-        return f"Kaggle said 401 Unauthorized: the API key is wrong or expired; {KAGGLE_HELP}"
-    if status == 403:
-        return (
-            f"Kaggle said 403 Forbidden for {competition!r}: accept the competition rules at "
-            f"{rules} (signed in as the account of your API key), then run again"
-        )
-    if status == 404:
-        return f"Kaggle has no competition named {competition!r}; check data.competition"
-    return f"Kaggle API request failed with HTTP {status} for competition {competition!r}"
 
 
 def fetch(data: DataParams, paths: Paths, env: Mapping[str, str] = os.environ) -> Path:

@@ -19,7 +19,7 @@ import yaml
 from fake_kaggle import TEST_KEY, TEST_USERNAME, FakeKaggle, make_zip
 
 from pipeline.errors import UserError
-from pipeline.fetch import choose_source, download_kaggle, extract_zip, fetch, write_embedded
+from pipeline.fetch import choose_source, extract_zip, fetch, write_embedded
 from pipeline.params import DataParams, Paths
 
 COMPETITION = "digit-recognizer"
@@ -99,7 +99,7 @@ def test_kaggle_downloads_and_unpacks_the_competition_zip(tmp_path, fake, creden
     [
         (401, ["401", "kaggle.json", "KAGGLE_USERNAME"]),
         (403, ["403", f"https://www.kaggle.com/competitions/{COMPETITION}/rules"]),
-        (429, ["HTTP 429", COMPETITION]),
+        (429, ["429", "daily submission limit", COMPETITION]),
     ],
 )
 def test_kaggle_http_errors_become_one_line_without_the_key(tmp_path, fake, status, expected):
@@ -143,9 +143,12 @@ def test_kaggle_without_credentials_explains_and_stays_offline(tmp_path, fake):
     assert_nothing_written(tmp_path)
 
 
-def test_kaggle_rejects_a_competition_url_before_any_request(tmp_path):
-    with pytest.raises(UserError, match="looks like a URL"):
-        download_kaggle(f"https://www.kaggle.com/competitions/{COMPETITION}", tmp_path)
+def test_a_competition_url_is_rejected_when_params_are_read():
+    from pipeline.params import from_dict
+
+    with pytest.raises(UserError, match="short name"):
+        from_dict(DataParams, {"competition": f"https://www.kaggle.com/competitions/{COMPETITION}"},
+                  "params.yaml: data")
 
 
 # -- auto ------------------------------------------------------------------------------
