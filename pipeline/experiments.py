@@ -110,8 +110,14 @@ def _levels(name: str, raw: Any, where: str) -> tuple | Range:
         if unknown or "low" not in raw or "high" not in raw or factor.kind is str:
             raise UserError(f"{where}: a range needs low and high (and optional log: true), "
                             f"for a numeric factor; got {raw!r}")
+        kinds = (int,) if factor.kind is int else (int, float)
+        if any(isinstance(raw[k], bool) or not isinstance(raw[k], kinds) for k in ("low", "high")):
+            raise UserError(f"{where}: low and high must be "
+                            f"{'integers' if factor.kind is int else 'numbers'}; got {raw!r}")
         if not raw["low"] < raw["high"]:
             raise UserError(f"{where}: low must be below high; got {raw!r}")
+        if raw.get("log") and raw["low"] <= 0:
+            raise UserError(f"{where}: a log range needs low > 0; got {raw!r}")
         return Range(factor.kind(raw["low"]), factor.kind(raw["high"]), bool(raw.get("log")))
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{where}: expected a list of levels or a {{low, high}} range")

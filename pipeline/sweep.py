@@ -528,6 +528,8 @@ def finalize(ctx: Context, study, tracker, parent_id: str) -> dict[str, Any]:
     name = f"{ctx.data.meta.competition}-{ctx.experiment.name}"
     uri = tracker.log_keras_model(parent_id, model, ctx.data.x_val[:5], registered_name=name)
     summary["model_uri"] = uri
+    summary["parent_run_id"] = parent_id
+    summary["best_run_id"] = best.user_attrs["mlflow_run_id"]
     summary["registered_model"] = f"{name}@champion"
     tracker.log_metrics(parent_id, {k: summary[k] for k in (
         "best_value", "n_complete", "n_pruned", "n_failed", "epochs_run", "wall_seconds")})

@@ -1,0 +1,340 @@
+"""Stage `report`: which design choices matter, with numbers and plots.
+
+For each single-factor study: per level the trial count, mean, standard deviation and
+best objective, parameters and multiply-accumulates; the effect of each level against
+the base level with a bootstrap confidence interval over the seed repeats, and whether
+it is a real effect (the interval excludes zero and the effect is larger than the
+seed-to-seed noise of the base level). The regularisation study answers whether dropout
+and batch normalisation work well together. For the joint study: Optuna's parameter
+importances and the Pareto front of accuracy against parameter count. Writes
+`reports/ablation.md`, `reports/ablation.json` and PNGs, and logs them to MLflow.
+
+Run: `ablate report` (or `dvc repro report`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import plots
+from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the report needs it (plain values, no Optuna objects)."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED or FAIL
+    params: dict[str, Any]
+    value: float | None
+    n_params: int | None = None
+    macs: int | None = None
+    history: dict[str, list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class LevelStats:
+    level: str
+    n: int
+    n_pruned: int
+    n_failed: int
+    mean: float | None
+    std: float | None
+    best: float | None
+    n_params: int | None
+    macs: int | None
+    effect: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    real_effect: bool | None = None
+
+
+def bootstrap_diff(values: list[float], base: list[float], n_resamples: int,
+                   confidence: float, rng: np.random.Generator) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(values) - mean(base)."""
+    a = rng.choice(np.asarray(values), size=(n_resamples, len(values)), replace=True)
+    b = rng.choice(np.asarray(base), size=(n_resamples, len(base)), replace=True)
+    diffs = a.mean(axis=1) - b.mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(diffs, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def level_effects(trials: list[TrialRecord], factor: str, base_level: Any,
+                  n_resamples: int = 2000, confidence: float = 0.95,
+                  seed: int = 0) -> list[LevelStats]:
+    """Per-level statistics and each level's effect against `base_level`.
+
+    A level is a real effect when the bootstrap interval excludes zero and the effect is
+    larger than the base level's seed-to-seed standard deviation.
+    """
+    rng = np.random.default_rng(seed)
+    levels: dict[str, list[TrialRecord]] = {}
+    for trial in trials:
+        if factor in trial.params:
+            levels.setdefault(str(trial.params[factor]), []).append(trial)
+    base_key = str(base_level)
+    base_values = [t.value for t in levels.get(base_key, []) if t.state == "COMPLETE"]
+    noise = float(np.std(base_values, ddof=1)) if len(base_values) > 1 else 0.0
+    stats = []
+    for level, group in levels.items():
+        done = [t for t in group if t.state == "COMPLETE"]
+        values = [t.value for t in done]
+        row: dict[str, Any] = dict(
+            level=level, n=len(values),
+            n_pruned=sum(t.state == "PRUNED" for t in group),
+            n_failed=sum(t.state == "FAIL" for t in group),
+            mean=float(np.mean(values)) if values else None,
+            std=float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None),
+            best=float(max(values)) if values else None,
+            n_params=next((t.n_params for t in group if t.n_params), None),
+            macs=next((t.macs for t in group if t.macs), None),
+        )
+        if level != base_key and values and base_values:
+            effect = float(np.mean(values) - np.mean(base_values))
+            low, high = bootstrap_diff(values, base_values, n_resamples, confidence, rng)
+            row.update(effect=effect, ci_low=low, ci_high=high,
+                       real_effect=bool((low > 0 or high < 0) and abs(effect) > noise))
+        stats.append(LevelStats(**row))
+    return sorted(stats, key=lambda s: (s.level != base_key, s.level))
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(size, accuracy) points not beaten by a smaller-or-equal, more accurate one."""
+    front, best = [], -math.inf
+    for size, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if accuracy > best:
+            front.append((size, accuracy))
+            best = accuracy
+    return front
+
+
+def regularization_answer(stats: list[LevelStats]) -> str:
+    """The course's claim: dropout and batch normalisation may not work well together."""
+    by = {s.level: s for s in stats}
+    needed = ("dropout", "batchnorm", "both")
+    if any(by.get(k) is None or by[k].mean is None for k in needed):
+        return "Not enough completed trials to compare dropout, batchnorm and both."
+    alone = max((by["dropout"], by["batchnorm"]), key=lambda s: s.mean)
+    diff = by["both"].mean - alone.mean
+    noise = max(s.std or 0.0 for s in stats)
+    if abs(diff) <= noise:
+        verdict = "no worse and no better than"
+    elif diff < 0:
+        verdict = "worse than"
+    else:
+        verdict = "better than"
+    return (
+        f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average, "
+        f"{verdict} the better of the two alone ({alone.level}: {alone.mean:.4f}; difference "
+        f"{diff:+.4f}, seed-to-seed noise up to {noise:.4f}). "
+        + ("Here the course's warning holds." if verdict == "worse than"
+           else "Here the course's warning does not show.")
+    )
+
+
+# -- reading studies ---------------------------------------------------------------------------
+def load_trials(storage_url: str, study_name: str, heartbeat_seconds: int = 10):
+    """(records, study) of one study from the Optuna storage."""
+    import optuna
+
+    from pipeline.sweep import make_storage, slots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name,
+                                  storage=make_storage(storage_url, heartbeat_seconds))
+    except KeyError:
+        raise UserError(f"study {study_name} not in the Optuna storage; run the sweep "
+                        "again (`dvc repro`)") from None
+    records = [
+        TrialRecord(t.number, t.state.name, dict(t.params), t.value,
+                    t.user_attrs.get("n_params"), t.user_attrs.get("macs"),
+                    t.user_attrs.get("history"))
+        for t in slots(study) if t.state.is_finished()
+    ]
+    return records, study
+
+
+def importances(study) -> dict[str, float]:
+    import optuna
+
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (RuntimeError, ValueError) as exc:  # too few trials, or no variation
+        log.warning("report: no parameter importances for %s (%s)", study.study_name, exc)
+        return {}
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    if isinstance(value, int) and abs(value) >= 10000:
+        return f"{value:,}"
+    return str(value)
+
+
+def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) -> list[str]:
+    pct = int(confidence * 100)
+    lines = [
+        f"| level | trials | pruned | failed | mean | std | best | params | MACs | "
+        f"effect vs {base_level} | {pct}% CI | real effect? |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stats:
+        ci = f"[{s.ci_low:+.4f}, {s.ci_high:+.4f}]" if s.ci_low is not None else "-"
+        effect = f"{s.effect:+.4f}" if s.effect is not None else "(base)"
+        real = {True: "**yes**", False: "no, within noise", None: "-"}[s.real_effect]
+        lines.append(
+            f"| {s.level} | {s.n} | {s.n_pruned} | {s.n_failed} | {_fmt(s.mean)} | "
+            f"{_fmt(s.std)} | {_fmt(s.best)} | {_fmt(s.n_params)} | {_fmt(s.macs)} | "
+            f"{effect} | {ci} | {real} |"
+        )
+    return lines
+
+
+def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRecord],
+                  out: Path, settings) -> tuple[list[str], dict[str, Any]]:
+    stats = level_effects(records, factor, base_level, settings.bootstrap,
+                          settings.confidence, settings.seed)
+    groups = {s.level: [t.value for t in records if str(t.params.get(factor)) == s.level
+                        and t.state == "COMPLETE"] for s in stats}
+    lines = [f"## {name}: {factor}", ""]
+    lines += factor_table(stats, base_level, settings.confidence)
+    lines.append("")
+    for s in stats:
+        if s.n == 0 and s.n_pruned:
+            reason = next((t for t in records if str(t.params.get(factor)) == s.level), None)
+            lines.append(f"- `{s.level}`: every trial was pruned (trial {reason.number}).")
+    if any(groups.values()):
+        plots.strip_plot({k: v for k, v in groups.items() if v}, out / f"{name}_levels.png",
+                         f"{name}: val_accuracy per level")
+        lines.append(f"![{name} levels]({name}_levels.png)")
+    best_histories = {}
+    for s in stats:
+        done = [t for t in records if str(t.params.get(factor)) == s.level
+                and t.state == "COMPLETE" and t.history]
+        if done:
+            best_histories[s.level] = max(done, key=lambda t: t.value).history
+    if best_histories:
+        plots.curves_by_level(best_histories, out / f"{name}_curves.png",
+                              f"{name}: learning curves of each level's best trial")
+        lines.append(f"![{name} learning curves]({name}_curves.png)")
+    lines.append("")
+    summary = {"factor": factor, "base_level": str(base_level),
+               "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"}
+                          for s in stats}}
+    if factor == "regularization":
+        answer = regularization_answer(stats)
+        lines += ["**Dropout together with batch normalisation?** " + answer, ""]
+        summary["answer"] = answer
+    return lines, summary
+
+
+def report_joint(name: str, records: list[TrialRecord], study,
+                 out: Path) -> tuple[list[str], dict[str, Any]]:
+    done = [t for t in records if t.state == "COMPLETE"]
+    weights = importances(study) if len(done) > 1 else {}
+    points = [(float(t.n_params), float(t.value)) for t in done if t.n_params]
+    front = pareto_front(points)
+    lines = [f"## {name}: all factors at once", "",
+             f"{len(done)} complete, {sum(t.state == 'PRUNED' for t in records)} pruned, "
+             f"{sum(t.state == 'FAIL' for t in records)} failed.", ""]
+    if done:
+        best = max(done, key=lambda t: t.value)
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        lines += [f"Best val_accuracy {best.value:.4f} (trial {best.number}): {params}.", ""]
+    if weights:
+        lines += ["| parameter | importance |", "|---|---|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in weights.items()]
+        lines.append("")
+    if points:
+        plots.pareto(points, front, out / f"{name}_pareto.png")
+        lines += ["Pareto front (fewest parameters for the accuracy):", "",
+                  "| parameters | val_accuracy |", "|---|---|"]
+        lines += [f"| {int(p):,} | {a:.4f} |" for p, a in front]
+        lines += ["", f"![{name} Pareto front]({name}_pareto.png)", ""]
+    summary = {"importances": weights,
+               "pareto": [{"n_params": int(p), "val_accuracy": a} for p, a in front]}
+    return lines, summary
+
+
+def build_report(studies: dict[str, dict[str, Any]], storage_url: str, out: Path,
+                 settings, heartbeat_seconds: int = 10) -> tuple[str, dict[str, Any]]:
+    """Markdown and JSON for every study in `studies` (name -> sweep metrics)."""
+    lines = ["# Which Conv2D design choices matter", ""]
+    results: dict[str, Any] = {}
+    for name, metrics in studies.items():
+        experiment = metrics["_experiment"]
+        records, study = load_trials(storage_url, metrics["study"], heartbeat_seconds)
+        if experiment.is_grid and len(experiment.factors) == 1:
+            factor = next(iter(experiment.factors))
+            base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
+            section, summary = report_factor(name, factor, base_level, records, out, settings)
+        else:
+            section, summary = report_joint(name, records, study, out)
+        summary["best_value"] = metrics.get("best_value")
+        lines += section
+        results[name] = summary
+    return "\n".join(lines) + "\n", results
+
+
+def main(params_path: str = "params.yaml") -> None:
+    from pipeline.experiments import load_experiment
+    from pipeline.model import ModelConfig
+    from pipeline.params import load_section, read_params
+
+    raw = read_params(params_path)
+    paths = load_section("paths", params_path, raw)
+    settings = load_section("report", params_path, raw)
+    sweep = load_section("sweep", params_path, raw)
+    base = ModelConfig.from_dict(raw.get("model") or {}, f"{params_path}: model")
+    studies = {}
+    for file in sorted(Path(paths.experiments).glob("*.yaml")):
+        metrics_file = Path(paths.metrics) / f"{file.stem}.json"
+        if not metrics_file.is_file():
+            log.warning("report: no %s; run `dvc repro sweep@%s` to include it",
+                        metrics_file, file.stem)
+            continue
+        metrics = json.loads(metrics_file.read_text())
+        metrics["_experiment"] = load_experiment(paths.experiments, file.stem, None, base)
+        studies[file.stem] = metrics
+    if not studies:
+        raise UserError(f"no sweep results in {paths.metrics}/; run the sweeps first "
+                        "(`dvc repro`)")
+    out = Path(paths.reports)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown, results = build_report(studies, sweep.storage, out, settings,
+                                     sweep.heartbeat_seconds)
+    with atomic_path(out / "ablation.md") as tmp:
+        tmp.write_text(markdown)
+    write_json(out / "ablation.json", results)
+    _log_to_mlflow(params_path, raw, out, studies)
+    log.info("report: wrote %s (%d studies)", out / "ablation.md", len(studies))
+
+
+def _log_to_mlflow(params_path: str, raw: dict, out: Path, studies: dict) -> None:
+    from pipeline.params import load_section
+    from pipeline.tracking import Tracker
+
+    tracking = load_section("tracking", params_path, raw)
+    tracker = Tracker.connect(tracking.uri, tracking.experiment)
+    run_id = tracker.start_run("report", tags={
+        f"study.{name}": metrics.get("parent_run_id", "") for name, metrics in studies.items()
+    })
+    tracker.log_artifacts(run_id, out)
+    tracker.end_run(run_id)
