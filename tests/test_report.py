@@ -1,0 +1,123 @@
+"""The report's statistics: planted effects are found, copies of the base are not."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import optuna
+import pytest
+
+from pipeline.experiments import parse_experiment
+from pipeline.report import (
+    TrialRecord,
+    build_report,
+    level_effects,
+    pareto_front,
+    regularization_answer,
+)
+
+SETTINGS = types.SimpleNamespace(bootstrap=2000, confidence=0.95, seed=0)
+HISTORY = {"loss": [1.0, 0.5], "accuracy": [0.6, 0.9], "val_loss": [0.9, 0.6],
+           "val_accuracy": [0.7, 0.9]}
+
+
+def planted_trials(rng: np.random.Generator, repeats: int = 3) -> list[TrialRecord]:
+    """A padding-like study: `same` is the base; `copy` is the base trained again with the
+    same seeds (identical up to float noise); `blank` blanks the input (chance level)."""
+    trials, number = [], 0
+    base = 0.97 + rng.normal(0, 0.006, repeats)
+    levels = {
+        "same": base,
+        "copy": base + rng.normal(0, 1e-5, repeats),
+        "blank": 0.10 + rng.normal(0, 0.01, repeats),
+    }
+    for level, values in levels.items():
+        for seed, value in enumerate(values):
+            trials.append(TrialRecord(number, "COMPLETE", {"padding": level, "seed": seed},
+                                      float(value), 1000, 5000, HISTORY))
+            number += 1
+    return trials
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_harmful_level_is_a_real_effect_and_a_copy_of_the_base_is_noise(seed):
+    stats = {s.level: s for s in level_effects(planted_trials(np.random.default_rng(seed)),
+                                               "padding", "same", seed=seed)}
+    assert stats["same"].effect is None  # the base level is the reference
+    assert stats["blank"].real_effect is True
+    assert stats["blank"].effect < -0.8
+    assert stats["blank"].ci_high < 0
+    assert stats["copy"].real_effect is False
+    assert abs(stats["copy"].effect) < 1e-3
+
+
+def test_an_effect_inside_the_seed_noise_is_not_real():
+    # every level from the same wide distribution: differences are noise
+    rng = np.random.default_rng(1)
+    trials = [TrialRecord(i, "COMPLETE", {"pooling": level}, float(0.9 + rng.normal(0, 0.05)))
+              for i, level in enumerate(["max", "avg"] * 3)]
+    stats = {s.level: s for s in level_effects(trials, "pooling", "max")}
+    assert stats["avg"].real_effect is False
+
+
+def test_pruned_and_failed_trials_are_counted_not_averaged():
+    trials = [
+        TrialRecord(0, "COMPLETE", {"strides": 1}, 0.9),
+        TrialRecord(1, "COMPLETE", {"strides": 1}, 0.92),
+        TrialRecord(2, "PRUNED", {"strides": 2}, None),
+        TrialRecord(3, "FAIL", {"strides": 2}, None),
+    ]
+    stats = {s.level: s for s in level_effects(trials, "strides", 1)}
+    assert (stats["2"].n, stats["2"].n_pruned, stats["2"].n_failed) == (0, 1, 1)
+    assert stats["2"].mean is None and stats["2"].effect is None
+    assert stats["1"].mean == pytest.approx(0.91)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(100, 0.90), (200, 0.85), (300, 0.95), (50, 0.80), (400, 0.95), (300, 0.93)]
+    assert pareto_front(points) == [(50, 0.80), (100, 0.90), (300, 0.95)]
+
+
+def test_regularization_answer_says_when_both_together_is_worse():
+    trials = []
+    for i, (level, mean) in enumerate([("none", 0.95), ("dropout", 0.96), ("batchnorm", 0.97),
+                                       ("both", 0.80)] * 3):
+        trials.append(TrialRecord(i, "COMPLETE", {"regularization": level},
+                                  mean + 0.001 * (i % 3)))
+    answer = regularization_answer(level_effects(trials, "regularization", "none"))
+    assert "worse than the better of the two alone (batchnorm" in answer
+    assert "warning holds" in answer
+
+
+def _stored_study(storage: str, name: str, trials: list[TrialRecord], factor: str) -> None:
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    levels = sorted({str(t.params[factor]) for t in trials})
+    for t in trials:
+        distributions = {factor: optuna.distributions.CategoricalDistribution(levels),
+                         "seed": optuna.distributions.IntDistribution(0, 10)}
+        study.add_trial(optuna.trial.create_trial(
+            params={factor: str(t.params[factor]), "seed": t.params.get("seed", 0)},
+            distributions=distributions, value=t.value,
+            user_attrs={"n_params": t.n_params, "macs": t.macs, "history": t.history},
+        ))
+
+
+def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    trials = planted_trials(np.random.default_rng(0))
+    _stored_study(storage, "padding-abc", trials, "padding")
+    experiment = parse_experiment("padding", {"factors": {"padding": ["same", "valid"]},
+                                              "base_level": {"padding": "same"}}, "padding.yaml")
+    markdown, results = build_report(
+        {"padding": {"study": "padding-abc", "best_value": 0.98, "_experiment": experiment}},
+        storage, tmp_path, SETTINGS,
+    )
+    assert "| blank | 3 | 0 | 0 |" in markdown
+    assert "**yes**" in markdown and "no, within noise" in markdown
+    assert (tmp_path / "padding_levels.png").stat().st_size > 1000
+    assert (tmp_path / "padding_curves.png").stat().st_size > 1000
+    levels = json.loads(json.dumps(results))["padding"]["levels"]
+    assert levels["blank"]["real_effect"] is True
+    assert levels["copy"]["real_effect"] is False

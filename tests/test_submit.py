@@ -1,0 +1,139 @@
+"""Submission files: Kaggle's layout, refused when invalid, and the opt-in upload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+from fake_kaggle import TEST_KEY, FakeKaggle
+
+from pipeline import cli, fetch, prepare
+from pipeline.errors import UserError
+from pipeline.prepare import Dataset, Meta
+from pipeline.submit import make_submission, validate
+
+
+def _tiny_model(input_shape, n_classes: int) -> keras.Model:
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Flatten()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(n_classes, activation="softmax")(x))
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, write_params):
+    """Embedded data fetched and prepared, one study's metrics and its model on disk."""
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", data={"source": "embedded"})
+    fetch.main("params.yaml")
+    prepare.main("params.yaml")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "experiments" / "padding.yaml").write_text("factors: {padding: [valid, same]}\n")
+    (tmp_path / "metrics" / "padding.json").write_text(
+        json.dumps({"best_value": 0.9, "study": "padding-x"}))
+    model_path = tmp_path / "models" / "padding" / "best.keras"
+    model_path.parent.mkdir(parents=True)
+    _tiny_model((8, 8, 1), 10).save(model_path)
+    return tmp_path
+
+
+def _csv(root: Path) -> Path:
+    return root / "submissions" / "submission.csv"
+
+
+def test_submission_has_the_sample_layout_and_a_sidecar(project):
+    assert cli.main(["submit"]) == 0
+    sample = pd.read_csv(project / "data/raw/digit-recognizer/sample_submission.csv")
+    written = pd.read_csv(_csv(project))
+    assert list(written.columns) == ["ImageId", "Label"]
+    assert written["ImageId"].tolist() == sample["ImageId"].tolist()
+    assert written["Label"].between(0, 9).all()
+    sidecar = json.loads((project / "submissions" / "submission.json").read_text())
+    assert sidecar["experiment"] == "padding" and sidecar["study"] == "padding-x"
+    assert sidecar["data_hash"] == prepare.load_prepared("data/prepared").meta.data_hash
+
+
+def test_a_model_with_the_wrong_number_of_classes_is_refused(project, capsys):
+    _tiny_model((8, 8, 1), 3).save(project / "models" / "padding" / "best.keras")
+    assert cli.main(["submit"]) == 2
+    assert "predicts 3 classes but the competition has 10" in capsys.readouterr().err
+    assert not _csv(project).exists()
+
+
+def test_test_ids_that_do_not_match_the_sample_are_refused(project, capsys):
+    sample_path = project / "data/raw/digit-recognizer/sample_submission.csv"
+    sample = pd.read_csv(sample_path)
+    sample.loc[5, "ImageId"] = 99999
+    sample.to_csv(sample_path, index=False)
+    assert cli.main(["submit"]) == 2
+    err = capsys.readouterr().err
+    assert "do not match sample_submission.csv" in err and "99999" in err
+    assert not _csv(project).exists()
+
+
+def test_explicit_ids_follow_the_sample_order():
+    meta = Meta("kannada", "id", "label", True, 3, (2, 2, 1), "h")
+    data = Dataset(*(np.zeros(0),) * 4, np.zeros((3, 2, 2, 1)), np.array([10, 11, 12]), meta)
+    sample = pd.DataFrame({"id": [12, 10, 11], "label": 0})
+    submission = make_submission(np.array([0, 1, 2]), data, sample)
+    assert submission.to_dict("list") == {"id": [12, 10, 11], "label": [2, 0, 1]}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.iloc[:-1], "rows"),
+    (lambda s: s.assign(Label=[np.nan] + [0] * (len(s) - 1)), "missing values"),
+    (lambda s: s.assign(Label=10), "labels must be 0..9"),
+    (lambda s: s.rename(columns={"Label": "label"}), "columns"),
+])
+def test_validate_refuses_what_kaggle_would(change, message):
+    sample = pd.DataFrame({"ImageId": [1, 2, 3], "Label": 0})
+    with pytest.raises(UserError, match=message):
+        validate(change(sample.copy()), sample, 10)
+
+
+def _submit(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", *args], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_upload_sends_the_file_with_the_official_client(project):
+    with FakeKaggle() as fake:
+        result = _submit(project, fake.client_env(project / "home"), "--upload", "-m", "try 1")
+        assert result.returncode == 0, result.stderr
+        assert "Successfully submitted to digit-recognizer (ref 1)" in result.stderr
+        assert list(fake.uploads.values()) == [_csv(project).read_bytes()]
+        created = fake.api_calls("CreateSubmission")[0].json
+        assert created["submissionDescription"] == "try 1"
+    assert TEST_KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (403, "accept the competition rules at https://www.kaggle.com/competitions/"),
+    (429, "daily submission limit"),
+])
+def test_upload_errors_are_actionable_and_keep_the_key_secret(project, status, expected):
+    with FakeKaggle(status=status) as fake:
+        result = _submit(project, fake.client_env(project / "home"), "--upload", "-m", "x")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert expected in result.stderr
+    assert TEST_KEY not in result.stdout + result.stderr
+
+
+def test_upload_without_credentials_says_where_they_go(project):
+    with FakeKaggle() as fake:
+        result = _submit(project, fake.client_env(project / "home", credentials=None),
+                         "--upload", "-m", "x")
+        assert fake.requests == []
+    assert result.returncode == 2
+    assert "kaggle.json" in result.stderr and "KAGGLE_USERNAME" in result.stderr
+
+
+def test_upload_needs_a_message(project, capsys):
+    assert cli.main(["submit", "--upload"]) == 2
+    assert "-m" in capsys.readouterr().err
