@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +187,9 @@ class Tracker:
                 write_run_artifacts(result, data, Path(tmp))
                 result.model.save(Path(tmp) / "best.keras")
                 self.log_artifacts(run_id, Path(tmp))
-                Path(tmp, "best.keras").replace(checkpoint)
+                # Copy, not rename: the temp folder may be on another filesystem (tmpfs).
+                with atomic_path(checkpoint) as out:
+                    shutil.copyfile(Path(tmp, "best.keras"), out)
             self.log_metrics(run_id, {f"best_{k}": v for k, v in result.metrics.items()})
         except BaseException:
             self.end_run(run_id, "FAILED")

@@ -91,7 +91,10 @@ def train(config: ModelConfig, params: TrainParams, data: Dataset,
     )
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in fit.history.get(k, [])] for k in HISTORY_KEYS}
-    best = int(np.argmin(history["val_loss"]))
+    # EarlyStopping never counts a NaN val_loss as an improvement, so neither may we:
+    # the metrics must describe the epoch whose weights it restored.
+    val_loss = np.asarray(history["val_loss"], dtype=np.float64)
+    best = int(np.argmin(np.where(np.isnan(val_loss), np.inf, val_loss)))
     metrics = {
         "val_accuracy": history["val_accuracy"][best],
         "val_loss": history["val_loss"][best],

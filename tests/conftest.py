@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny real competitions, params files, and a throwaway DVC repository.
+"""Shared fixtures: tiny real competitions, params files, a throwaway DVC repository,
+the prepared 8x8 digits (`digits`) and a live MLflow server (`mlflow_server`).
 
 Fixtures build real inputs and shrink them (a few 4x4 images) instead of mocking. The
 factories (`make_competition`, `write_params`, `run_cmd`) return plain functions so that a
@@ -7,10 +8,16 @@ test states only what differs from a good default.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,3 +201,79 @@ def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     subprocess.run(["git", "init", "-q", str(repo)], check=True, capture_output=True)
     monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(tmp_path / "dvc-site-cache"))
     return repo
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The offline 8x8 digits (`data.source: embedded`) through the real `prepare`:
+    1150 train and 288 validation images, 10 classes. Shared; do not modify the arrays."""
+    from pipeline.fetch import write_embedded
+    from pipeline.params import PrepareParams
+    from pipeline.prepare import prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_embedded(Path(tmp))
+        dataset, _ = prepare(Path(tmp), "digit-recognizer", PrepareParams())
+    return dataset
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited with {process.returncode}:\n"
+                        f"{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"mlflow server at {url} not healthy after {timeout:.0f}s:\n"
+                f"{log.read_text()[-3000:]}")
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (uvicorn and its job runner), then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # children left behind by the parent
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """The base URL (`http://127.0.0.1:PORT`) of a real `mlflow server` started for this
+    test module: SQLite backend and proxied artifacts under a temporary folder, one
+    worker. Stopped when the module's tests are done; its log is `<root>/server.log`."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    url = f"http://127.0.0.1:{_free_port()}"
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+        "--port", url.rsplit(":", 1)[1], "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]
+    # No background job runners (huey consumers): nothing here uses them, CPUs are few.
+    env = {**_venv_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = root / "server.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=root, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_health(url, process, log, timeout=120)
+        yield url
+    finally:
+        _stop_process_group(process)

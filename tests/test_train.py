@@ -1,0 +1,194 @@
+"""`pipeline.train.train`: every ablation option trains on real (tiny) data, runs are
+repeatable by seed, and early stopping hands back the best epoch by `val_loss`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.model import ConvBlock, ModelConfig, check_shapes, count_macs
+from pipeline.params import TrainParams
+from pipeline.train import HISTORY_KEYS, predict_labels, train
+
+METRIC_KEYS = {"val_accuracy", "val_loss", "best_epoch", "epochs_run", "n_params", "macs",
+               "train_seconds"}
+ONE_EPOCH = TrainParams(epochs=1, batch_size=128, patience=3, seed=0)
+
+# Small enough to train in well under a second on 8x8 digits.
+BASE = ConvBlock(filters=4, kernel_size=3, padding="same", pooling="none",
+                 regularization="none", dropout_rate=0.25)
+
+
+def _config(*blocks: ConvBlock, **changes) -> ModelConfig:
+    return ModelConfig(blocks=blocks, dense_units=(16,), learning_rate=3e-3, **changes)
+
+
+OPTIONS = {
+    "padding-same": _config(BASE),
+    "padding-valid": _config(dataclasses.replace(BASE, padding="valid")),
+    "strides-2": _config(dataclasses.replace(BASE, strides=2)),
+    "dilation-2": _config(dataclasses.replace(BASE, dilation_rate=2, padding="valid")),
+    "pooling-max": _config(dataclasses.replace(BASE, pooling="max")),
+    "pooling-avg": _config(dataclasses.replace(BASE, pooling="avg")),
+    "regularization-dropout": _config(dataclasses.replace(BASE, regularization="dropout")),
+    "regularization-batchnorm": _config(dataclasses.replace(BASE, regularization="batchnorm")),
+    "regularization-both": _config(dataclasses.replace(BASE, regularization="both",
+                                                       pooling="max")),
+    "two-blocks": _config(BASE, dataclasses.replace(BASE, filters=8, pooling="max"),
+                          dense_dropout=0.3),
+    "dense-only": _config(),
+}
+
+
+def _one_hot(data) -> np.ndarray:
+    return np.eye(data.meta.n_classes, dtype=np.float32)[data.y_val]
+
+
+def _val_loss(model, data) -> float:
+    return model.evaluate(data.x_val, _one_hot(data), batch_size=256, verbose=0,
+                          return_dict=True)["loss"]
+
+
+def _layer_classes(model) -> dict[str, str]:
+    return {layer.name: type(layer).__name__ for layer in model.layers}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_trains_one_epoch(option, digits):
+    config = OPTIONS[option]
+    result = train(config, ONE_EPOCH, digits)
+
+    assert set(result.metrics) == METRIC_KEYS
+    assert all(math.isfinite(v) for v in result.metrics.values()), result.metrics
+    assert 0.0 <= result.metrics["val_accuracy"] <= 1.0
+    assert result.metrics["val_loss"] > 0
+    assert result.metrics["epochs_run"] == result.metrics["best_epoch"] == 1
+    assert set(result.history) == set(HISTORY_KEYS)
+    assert all(len(v) == 1 for v in result.history.values()), result.history
+    assert result.metrics["val_loss"] == result.history["val_loss"][0]
+
+    # The counts come from the shape arithmetic, and match the model actually trained.
+    layers = check_shapes(config, digits.meta.image_shape, digits.meta.n_classes)
+    assert result.metrics["n_params"] == result.model.count_params()
+    assert result.metrics["macs"] == count_macs(layers)
+
+    # The option reached the trained model.
+    classes = _layer_classes(result.model)
+    block = config.blocks[0] if config.blocks else None
+    if block is None:
+        assert not any(name.startswith("conv") for name in classes)
+    else:
+        conv = result.model.get_layer("conv0")
+        assert conv.padding == block.padding
+        assert conv.strides == (block.strides,) * 2
+        assert conv.dilation_rate == (block.dilation_rate,) * 2
+        pool = {"none": None, "max": "MaxPooling2D", "avg": "AveragePooling2D"}[block.pooling]
+        assert classes.get("pool0") == pool
+        assert ("batchnorm0" in classes) == (block.regularization in ("batchnorm", "both"))
+        assert ("dropout0" in classes) == (block.regularization in ("dropout", "both"))
+    predicted = predict_labels(result.model, digits.x_val)
+    assert predicted.shape == digits.y_val.shape
+    assert np.mean(predicted == digits.y_val) == pytest.approx(
+        result.metrics["val_accuracy"], abs=1e-6)
+
+
+@pytest.fixture
+def _undo_op_determinism():
+    """`deterministic=True` switches TensorFlow op determinism on for the whole process;
+    switch it back off for the tests that follow (TensorFlow has no public API for it)."""
+    from tensorflow.python.framework import config as tf_config
+
+    was_on = tf_config.is_op_determinism_enabled()
+    yield
+    disable = getattr(tf_config, "disable_op_determinism", None)
+    if not was_on and disable is not None:
+        disable()
+
+
+@pytest.mark.usefixtures("_undo_op_determinism")
+def test_seeded_runs_repeat(digits):
+    config = _config(dataclasses.replace(BASE, regularization="both", pooling="max"),
+                     dense_dropout=0.3)
+    params = TrainParams(epochs=2, batch_size=128, patience=3, seed=7, deterministic=True)
+    first = train(config, params, digits)
+    again = train(config, params, digits)
+    other = train(config, dataclasses.replace(params, seed=8, epochs=1), digits)
+
+    for key in HISTORY_KEYS:
+        assert again.history[key] == pytest.approx(first.history[key], rel=1e-6, abs=1e-7)
+    assert again.metrics["val_loss"] == pytest.approx(first.metrics["val_loss"], rel=1e-6)
+    # The seed matters: initial weights, shuffling and dropout all follow it.
+    assert other.history["loss"][0] != pytest.approx(first.history["loss"][0], rel=1e-6)
+
+
+class _Sabotage(keras.callbacks.Callback):
+    """Overwrite every weight at the start of epoch `at` so that epoch gets worse."""
+
+    def __init__(self, at: int, value: float | None = None):
+        super().__init__()
+        self.at, self.value = at, value
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.at:
+            return
+        rng = np.random.default_rng(0)
+        self.model.set_weights([
+            np.full(w.shape, self.value, w.dtype) if self.value is not None
+            else (rng.normal(0, 3, w.shape)).astype(w.dtype)
+            for w in self.model.get_weights()
+        ])
+
+
+def test_best_epoch_is_kept(digits):
+    config = _config(dataclasses.replace(BASE, pooling="max"))
+    params = TrainParams(epochs=3, batch_size=128, patience=10, seed=0)
+    result = train(config, params, digits, callbacks=[_Sabotage(at=2)])
+    val_loss = result.history["val_loss"]
+
+    assert result.metrics["epochs_run"] == 3
+    assert all(len(v) == 3 for v in result.history.values())
+    assert result.metrics["val_loss"] == min(val_loss)
+    assert result.metrics["val_loss"] < val_loss[-1]  # the last epoch is not the best
+    assert result.metrics["best_epoch"] == val_loss.index(min(val_loss)) + 1
+    assert result.metrics["val_accuracy"] == \
+        result.history["val_accuracy"][result.metrics["best_epoch"] - 1]
+    # The returned model holds the best epoch's weights, not the last epoch's.
+    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"],
+                                                             rel=1e-4)
+
+
+def test_early_stopping_stops_after_patience(digits):
+    config = _config(dataclasses.replace(BASE, pooling="max"))
+    params = TrainParams(epochs=10, batch_size=128, patience=1, seed=0)
+    result = train(config, params, digits, callbacks=[_Sabotage(at=2)])
+
+    assert result.metrics["epochs_run"] <= 3 < params.epochs
+    assert all(len(v) == result.metrics["epochs_run"] for v in result.history.values())
+    assert result.metrics["val_loss"] == min(result.history["val_loss"])
+    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"],
+                                                             rel=1e-4)
+
+
+def test_diverged_epochs_are_never_the_best(digits):
+    """A NaN val_loss (diverged training, e.g. float16 overflow) is not an improvement for
+    EarlyStopping, so the metrics must describe the epoch whose weights are returned."""
+    config = _config(dataclasses.replace(BASE, pooling="max"))
+    params = TrainParams(epochs=3, batch_size=128, patience=10, seed=0)
+    result = train(config, params, digits, callbacks=[_Sabotage(at=1, value=np.nan)])
+    val_loss = result.history["val_loss"]
+
+    assert math.isfinite(val_loss[0]) and math.isnan(val_loss[1])
+    assert result.metrics["best_epoch"] == 1
+    assert result.metrics["val_loss"] == val_loss[0]
+    assert result.metrics["val_accuracy"] == result.history["val_accuracy"][0]
+    assert _val_loss(result.model, digits) == pytest.approx(val_loss[0], rel=1e-4)
+
+
+def test_a_few_epochs_learn_the_digits(digits):
+    result = train(OPTIONS["pooling-max"], TrainParams(epochs=3, batch_size=32, seed=0),
+                   digits)
+    assert result.metrics["val_accuracy"] > 0.5  # ten classes: chance is 0.1
