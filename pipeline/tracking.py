@@ -156,10 +156,16 @@ class Tracker:
         import mlflow
         from mlflow.models import infer_signature
 
+        import keras
+        import tensorflow as tf
+
         signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
+        # Naming the requirements skips MLflow's inference, a subprocess that imports
+        # TensorFlow again (about 6 s per call here).
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
         with mlflow.start_run(run_id=run_id), _quiet():
             info = mlflow.keras.log_model(
-                model, name="model", signature=signature,
+                model, name="model", signature=signature, pip_requirements=requirements,
                 registered_model_name=registered_name,
             )
         if registered_name:

@@ -1,0 +1,120 @@
+"""Does a long in-process sweep leak memory? (target: RSS growth <= 50 MB over 30 trials)
+
+`--mode sweep` (default) runs a real study in this process, trial by trial, with the
+pipeline's own functions (`load_context`, `open_study`, `fill_queue`, `work`) on
+temporary SQLite stores for Optuna and MLflow: the joint study (TPE, median pruner) with
+its budget set to `--trials`, so models of every width and kind are built, trained,
+tracked and dropped. `--mode train` is the bare loop underneath: `train()` of the base
+model, one seed per trial, no Optuna or MLflow, to tell a Keras/TensorFlow leak from a
+tracking one. The resident set size (psutil) is read after every trial; reported are
+RSS after trial 1, after the last, the growth between them and the least-squares slope
+per trial from trial 1 on.
+
+Run:   python bench/memory.py                         # shared MNIST-10k, 30 trials
+Smoke: python bench/memory.py --data embedded --trials 3 -S train.epochs=1
+"""
+
+from __future__ import annotations
+
+import gc
+
+import common
+
+TARGET_GROWTH_MB = 50.0
+MB = 1024 * 1024
+
+
+def parse_args():
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--trials", type=int, default=30,
+                        help="trials run in this process (default: %(default)s)")
+    parser.add_argument("--mode", choices=("sweep", "train"), default="sweep",
+                        help="sweep: the joint study through pipeline.sweep; train: a bare "
+                             "train() loop (default: %(default)s)")
+    parser.add_argument("--experiment", default="joint",
+                        help="the study for --mode sweep; it needs a TPE or random sampler "
+                             "to hold --trials trials (default: %(default)s)")
+    return parser.parse_args()
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / MB
+
+
+def sweep_trials(args, workspace, n_trials: int):
+    """Yield after each trial of a real in-process study."""
+    from pipeline import sweep
+    from pipeline.tracking import Tracker
+
+    with common.working_directory(workspace.root):
+        ctx = sweep.load_context(str(workspace.params_path), args.experiment)
+        if ctx.experiment.n_trials < n_trials:
+            raise common.UserError(
+                f"experiment {args.experiment} holds only {ctx.experiment.n_trials} trials "
+                f"(a grid is capped at its size); use --experiment joint for {n_trials}")
+        tracker = Tracker.connect(ctx.tracking_uri, ctx.tracking_experiment)
+        study = sweep.open_study(ctx, create=True)
+        parent_id = sweep.parent_run(ctx, study, tracker)
+        sweep.fill_queue(study, ctx.experiment)
+        for _ in range(n_trials):
+            if sweep.work(ctx, study, tracker, parent_id, max_trials=1) == 0:
+                return
+            finished = [t for t in study.get_trials(deepcopy=False)
+                        if t.state.is_finished() and t.datetime_complete]
+            last = max(finished, key=lambda t: t.datetime_complete)
+            epochs = last.user_attrs.get("epochs_run", 0)
+            yield f"trial {last.number} {last.state.name}, {epochs} epochs"
+        tracker.end_run(parent_id)
+
+
+def train_trials(raw, data, n_trials: int):
+    """Yield after each bare `train()` of the base model, one seed per trial."""
+    import dataclasses
+
+    from pipeline.train import train
+
+    config, params = common.base_config(raw)
+    for i in range(n_trials):
+        result = train(config, dataclasses.replace(params, seed=params.seed + i), data)
+        accuracy = result.metrics["val_accuracy"]
+        del result
+        gc.collect()  # as run_trial does after every trial
+        yield f"seed {params.seed + i} val_accuracy {accuracy:.4f}"
+
+
+def main() -> None:
+    args = parse_args()
+    common.setup_logging(args.verbose)
+    if args.trials < 2:
+        raise common.UserError("--trials must be >= 2 to measure growth")
+    overrides = common.parse_overrides(args.overrides)
+    if args.mode == "sweep":
+        overrides["sweep.n_trials"] = args.trials
+    raw = common.read_params(overrides)
+    data, label = common.load_data(args.data, raw)
+
+    rss: list[float] = []
+    with common.temporary_folder("bench-memory-", args.keep) as root:
+        if args.mode == "sweep":
+            workspace = common.make_workspace(root, data, raw)
+            trials = sweep_trials(args, workspace, args.trials)
+        else:
+            trials = train_trials(raw, data, args.trials)
+        common.note(f"RSS with the data loaded, before any trial: {rss_mb():.1f} MB")
+        for i, what in enumerate(trials, start=1):
+            rss.append(rss_mb())
+            common.note(f"{i}/{args.trials} {what}: RSS {rss[-1]:.1f} MB")
+    if len(rss) < 2:
+        raise common.UserError(f"only {len(rss)} trial(s) ran; nothing to compare")
+
+    growth = rss[-1] - rss[0]
+    print(f"memory mode={args.mode} data={label} trials={len(rss)}: RSS after trial 1 "
+          f"{rss[0]:.1f} MB, after trial {len(rss)} {rss[-1]:.1f} MB, growth {growth:+.1f} MB "
+          f"(target <= {TARGET_GROWTH_MB:g} MB: {common.verdict(growth <= TARGET_GROWTH_MB)}), "
+          f"slope {common.slope(rss):+.2f} MB/trial, peak {max(rss):.1f} MB")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
