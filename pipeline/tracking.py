@@ -153,11 +153,10 @@ class Tracker:
     def log_keras_model(self, run_id: str, model, example: np.ndarray,
                         registered_name: str | None = None, alias: str = "champion") -> str:
         """Log `model` with a signature under `run_id`; optionally register it with an alias."""
-        import mlflow
-        from mlflow.models import infer_signature
-
         import keras
+        import mlflow
         import tensorflow as tf
+        from mlflow.models import infer_signature
 
         signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
         # Naming the requirements skips MLflow's inference, a subprocess that imports
