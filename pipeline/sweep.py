@@ -15,6 +15,7 @@ Run: `ablate sweep --experiment padding` (or `dvc repro sweep@padding`).
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import logging
@@ -91,7 +92,7 @@ def make_storage(url: str, heartbeat_seconds: int):
     """An Optuna storage for `url`: SQLite, PostgreSQL/MySQL (with heartbeat and retry of
     trials whose worker died), or Redis through the journal storage."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     try:
         if url.startswith(("redis://", "rediss://", "unix://")):
@@ -99,18 +100,41 @@ def make_storage(url: str, heartbeat_seconds: int):
 
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
         if url.startswith("sqlite"):
-            return RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+            storage = RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120,
+                                                                      "isolation_level": None}})
+            _lock_on_begin(storage.engine)
+            return storage
         if url.startswith(("postgresql", "mysql")):
             return RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True},
+                _with_driver(url), engine_kwargs={"pool_pre_ping": True},
                 heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=requeue,
             )
     except Exception as exc:  # connection refused, bad credentials, missing driver
         raise UserError(f"sweep.storage: cannot open the Optuna storage ({_redact(url)}): "
                         f"{str(exc).splitlines()[0]}") from None
     raise UserError(f"sweep.storage {_redact(url)!r}: use sqlite:///FILE, postgresql://..., "
                     "mysql://... or redis://...")
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy >= 2.1 reads a bare `postgresql://` as psycopg 3; this project installs
+    psycopg2, so name it unless psycopg 3 is there."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def _lock_on_begin(engine) -> None:
+    """SQLite: every transaction takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    pysqlite otherwise begins at the first write, so two processes could both read a trial
+    as WAITING and both mark it RUNNING: `claim` would hand one trial to two workers."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _redact(url: str) -> str:
@@ -215,6 +239,21 @@ def _worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def requeue(study, trial) -> None:
+    """Queue a dead worker's trial again, once (Optuna's retry), without the attributes of
+    the dead run: a retry still naming its dead worker would look dead itself between its
+    claim and its new worker writing its own id, and be failed again by another worker."""
+    import optuna
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    trial = copy.copy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
+                        if k not in ("worker", "error", "mlflow_run_id")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -222,14 +261,23 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """A worker killed but not yet reaped by its parent (`sweep.n_workers`) is dead too."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def fail_dead_trials(study, retry: bool) -> list[int]:
     """Fail RUNNING trials whose worker is gone: same host and process dead, or (shared
     RDB storages) a stale Optuna heartbeat. Returns the numbers failed here."""
     import optuna
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
     with warnings.catch_warnings():
@@ -243,15 +291,16 @@ def fail_dead_trials(study, retry: bool) -> list[int]:
         if owner_host != host or not pid.isdigit() or _alive(int(pid)):
             continue
         try:
+            # before FAIL: a finished trial's attributes can no longer be set
+            study._storage.set_trial_user_attr(trial._trial_id, "error",
+                                               f"worker {owner} died during the trial")
             if not study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, "error",
-                                           f"worker {owner} died during the trial")
         failed.append(trial.number)
         if retry:
-            RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study.trials[trial.number])
+            requeue(study, study.trials[trial.number])
     if failed:
         log.warning("trials %s were left RUNNING by a dead worker: marked FAIL", failed)
     return failed
@@ -468,8 +517,11 @@ def _run_processes(ctx: Context, n_workers: int) -> None:
         log.warning("worker exit codes: %s", codes)
 
 
-def wait_for_running(ctx: Context, study, poll: float = 2.0) -> None:
-    """Wait until trials claimed by other workers (other machines too) have finished."""
+def wait_for_running(ctx: Context, study, poll: float = 2.0, run_waiting=None) -> None:
+    """Wait until trials claimed by other workers (other machines too) have finished.
+
+    `run_waiting()`, when given, runs trials queued meanwhile (the retry of a dead
+    worker's trial), which the workers that already left would never claim."""
     from optuna.trial import TrialState
 
     while True:
@@ -478,6 +530,9 @@ def wait_for_running(ctx: Context, study, poll: float = 2.0) -> None:
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if not running and not waiting:
             return
+        if waiting and run_waiting is not None:
+            run_waiting()
+            continue
         log.info("waiting for %d running trial(s) on other workers", len(running))
         time.sleep(poll)
 
@@ -580,13 +635,21 @@ def main(params_path: str = "params.yaml", experiment: str = "", storage: str | 
              ctx.experiment.name, study.study_name, ctx.experiment.n_trials, queued,
              _redact(ctx.storage_url))
     workers = n_workers or ctx.sweep.n_workers
-    if workers > 1:
-        _run_processes(ctx, workers)
-    elif ctx.sweep.isolate:
-        _run_isolated(ctx, study)
-    else:
-        work(ctx, study, tracker, parent_id)
-    wait_for_running(ctx, study)
+
+    def run_waiting() -> None:
+        if workers > 1:
+            _run_processes(ctx, workers)
+        elif ctx.sweep.isolate:
+            _run_isolated(ctx, study)
+        else:
+            work(ctx, study, tracker, parent_id)
+
+    try:
+        run_waiting()
+        wait_for_running(ctx, study, run_waiting=run_waiting)
+    except UserError as exc:  # e.g. too many failures in a row: the parent run ends too
+        tracker.end_run(parent_id, "FAILED", {"error": str(exc)})
+        raise
     close_orphan_runs(tracker, study, parent_id)
     summary = finalize(ctx, study, tracker, parent_id)
     log.info("sweep %s: best %s %.4f (trial %d); %d complete, %d pruned, %d failed",
