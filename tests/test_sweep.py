@@ -1,0 +1,506 @@
+"""The `sweep` stage for real on the embedded 8x8 digits: Optuna trials, MLflow runs, the
+best model, resuming, pruning, failures, and the ways of running workers.
+
+Each test gets its own folder holding `params.yaml`, the SQLite Optuna and MLflow stores,
+`models/`, `metrics/` and `experiments/`; the prepared digits are made once per session.
+Studies are tiny (two epochs, a few trials). Only the failure tests replace `train()`:
+what they check is how the sweep records trials that raise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import write_params_file
+from optuna.trial import TrialState
+
+import pipeline.train
+from pipeline import cli, sweep
+from pipeline.fetch import write_embedded
+from pipeline.params import PrepareParams
+from pipeline.prepare import prepare, save_prepared
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+COMPETITION = "digit-recognizer"
+PARENT_TAG = "mlflow.parentRunId"
+
+# On 8x8 digits with the base model's two 3x3 blocks (the second max-pooled), `valid`
+# padding gives 8 -> 6 -> 4 -> 2. Stride 2 collapses at the second block's pooling,
+# dilation 2 at the second conv, and both together are refused by the config.
+COLLAPSE = """\
+# Run: ablate sweep --experiment collapse
+factors: {strides: [1, 2], dilation_rate: [1, 2], padding: [valid]}
+"""
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """The embedded digits, prepared once and only read by the sweeps."""
+    root = tmp_path_factory.mktemp("digits")
+    raw = root / "raw" / COMPETITION
+    raw.mkdir(parents=True)
+    write_embedded(raw)
+    data, _ = prepare(raw, COMPETITION, PrepareParams())
+    save_prepared(data, root / "prepared")
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow SQLite store with its tables made (seconds of migrations), to copy."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@dataclass
+class Workdir:
+    """One sweep's folder, its params and its stores, with ways to read them back."""
+
+    root: Path
+    prepared: Path
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def storage(self) -> str:
+        return f"sqlite:///{self.root}/optuna.db"
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root}/mlflow.db"
+
+    def configure(self, *, train: dict | None = None, sweep: dict | None = None) -> None:
+        """The repository's params with tmp paths, two epochs and a budget of two."""
+        write_params_file(
+            self.params,
+            paths={"prepared": str(self.prepared), "models": str(self.root / "models"),
+                   "metrics": str(self.root / "metrics"),
+                   "experiments": str(self.root / "experiments")},
+            tracking={"uri": self.tracking_uri},
+            sweep={"storage": self.storage, "n_trials": 2, "n_workers": 1, "isolate": False,
+                   **(sweep or {})},
+            train={"epochs": 2, **(train or {})},
+        )
+
+    def run(self, experiment: str = "padding") -> dict[str, Any]:
+        return sweep.main(str(self.params), experiment)
+
+    def cli(self, *args: str) -> int:
+        return cli.main([*args, "--params", str(self.params)])
+
+    def study_name(self, experiment: str = "padding") -> str:
+        return sweep.load_context(str(self.params), experiment).study_name
+
+    def study(self, name: str) -> optuna.Study:
+        return optuna.load_study(study_name=name, storage=self.storage)
+
+    def metrics(self, experiment: str = "padding") -> dict[str, Any]:
+        return json.loads((self.root / "metrics" / f"{experiment}.json").read_text())
+
+    @property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def runs(self, query: str = "") -> list:
+        experiment = self.client.get_experiment_by_name("conv-ablation")
+        return self.client.search_runs([experiment.experiment_id], query, max_results=1000)
+
+    def parent(self, study: optuna.Study):
+        return self.client.get_run(study.user_attrs[sweep.PARENT_ATTR])
+
+    def children(self, study: optuna.Study) -> dict[int, Any]:
+        """Child runs of the study's parent run by trial number; one per trial, no more."""
+        runs = self.runs(f"tags.`{PARENT_TAG}` = '{study.user_attrs[sweep.PARENT_ATTR]}'")
+        numbers = [int(r.data.tags["trial_number"]) for r in runs]
+        assert len(numbers) == len(set(numbers)), f"several runs for one trial: {numbers}"
+        return {int(r.data.tags["trial_number"]): r for r in runs}
+
+
+def _make_workdir(root: Path, prepared: Path, mlflow_db: Path) -> Workdir:
+    shutil.copy2(mlflow_db, root / "mlflow.db")
+    (root / "experiments").mkdir(parents=True)
+    shutil.copy2(REPO_ROOT / "experiments" / "padding.yaml", root / "experiments")
+    (root / "experiments" / "collapse.yaml").write_text(COLLAPSE)
+    work = Workdir(root, prepared)
+    work.configure()
+    return work
+
+
+@pytest.fixture
+def workdir(tmp_path, prepared, empty_mlflow_db, monkeypatch) -> Workdir:
+    """A fresh sweep folder as the working directory (MLflow puts artifacts in ./mlruns)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    return _make_workdir(tmp_path, prepared, empty_mlflow_db)
+
+
+def _by_state(study: optuna.Study) -> Counter:
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+# -- (a) one small grid study, read back from every store --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padding_sweep(tmp_path_factory, prepared, empty_mlflow_db):
+    """`padding` with a budget of two (valid and same, seed 0), run once for the module."""
+    root = tmp_path_factory.mktemp("padding-sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+        work = _make_workdir(root, prepared, empty_mlflow_db)
+        summary = work.run("padding")
+    return work, summary, work.study(summary["study"])
+
+
+def test_sweep_writes_metrics(padding_sweep):
+    work, summary, study = padding_sweep
+    metrics = work.metrics()
+
+    assert metrics == summary
+    assert metrics["study"] == work.study_name() == study.study_name
+    assert (metrics["n_complete"], metrics["n_pruned"], metrics["n_failed"]) == (2, 0, 0)
+    trials = study.get_trials()
+    assert sorted(t.params["padding"] for t in trials) == ["same", "valid"]
+    best = max(trials, key=lambda t: t.value)
+    assert metrics["best_value"] == best.value
+    assert 0.0 < metrics["best_value"] <= 1.0
+    assert metrics["best_params"] == best.params == {"padding": best.params["padding"], "seed": 0}
+    assert metrics["best_trial"] == best.number
+    assert metrics["epochs_run"] == sum(t.user_attrs["epochs_run"] for t in trials) == 4
+    assert metrics["wall_seconds"] > 0
+    assert metrics["registered_model"] == f"{COMPETITION}-padding@champion"
+
+
+def test_sweep_saves_the_best_trials_model(padding_sweep, prepared):
+    import keras
+
+    from pipeline.prepare import load_prepared
+
+    work, summary, _ = padding_sweep
+    model = keras.models.load_model(work.root / "models" / "padding" / "best.keras")
+
+    assert model.input_shape == (None, 8, 8, 1)
+    assert model.output_shape == (None, 10)
+    assert model.get_layer("conv0").padding == summary["best_params"]["padding"]
+    data = load_prepared(prepared)
+    accuracy = float((model.predict(data.x_val, verbose=0).argmax(1) == data.y_val).mean())
+    assert accuracy == pytest.approx(summary["best_value"], abs=0.01)
+
+
+def test_sweep_records_one_parent_run_and_one_child_run_per_trial(padding_sweep):
+    work, summary, study = padding_sweep
+    parent = work.parent(study)
+    children = work.children(study)
+    trials = {t.number: t for t in study.get_trials()}
+
+    parents = [r for r in work.runs(f"tags.study = '{study.study_name}'")
+               if PARENT_TAG not in r.data.tags]
+    assert [r.info.run_id for r in parents] == [parent.info.run_id]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["experiment"] == "padding"
+    assert parent.data.params["n_trials"] == "2"
+    assert parent.data.metrics["best_value"] == summary["best_value"]
+    assert parent.data.tags["best_run_id"] == trials[summary["best_trial"]].user_attrs[
+        "mlflow_run_id"]
+
+    assert set(children) == set(trials)
+    for number, run in children.items():
+        trial = trials[number]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["study"] == study.study_name
+        assert run.data.tags["state"] == "COMPLETE"
+        params = run.data.params
+        assert params["trial.padding"] == trial.params["padding"]
+        assert params["trial.seed"] == str(trial.params["seed"])
+        assert params["blocks.0.padding"] == params["blocks.1.padding"] == trial.params["padding"]
+        assert params["blocks.1.pooling"] == "max"  # the base model's, unchanged
+        assert run.data.metrics["best_val_accuracy"] == trial.value
+        history = work.client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert [m.step for m in history] == [0, 1]
+
+
+def test_sweep_registers_the_best_model_as_champion(padding_sweep):
+    work, summary, study = padding_sweep
+    version = work.client.get_model_version_by_alias(f"{COMPETITION}-padding", "champion")
+
+    assert version.run_id == study.user_attrs[sweep.PARENT_ATTR]
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    artifacts = [a.path for a in work.client.list_artifacts(best_run, "checkpoint")]
+    assert artifacts == [sweep.CHECKPOINT]
+
+
+# -- (b) resuming ------------------------------------------------------------------------------
+
+
+def test_rerun_continues_the_same_study_and_new_train_params_start_another(workdir):
+    first = workdir.run()
+    study = workdir.study(first["study"])
+    parent_id = study.user_attrs[sweep.PARENT_ATTR]
+    assert len(study.get_trials()) == 2
+
+    again = workdir.run()  # the same params: nothing left to run
+    assert again["study"] == first["study"]
+    assert len(study.get_trials()) == 2
+    assert (again["n_complete"], again["best_value"]) == (2, first["best_value"])
+
+    workdir.configure(sweep={"n_trials": 3})  # a bigger budget continues the study
+    more = workdir.run()
+    assert more["study"] == first["study"]
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert trials[2].params == {"padding": "valid", "seed": 1}  # the next grid point
+    assert study.user_attrs[sweep.PARENT_ATTR] == parent_id
+    assert set(workdir.children(study)) == {0, 1, 2}
+    assert workdir.metrics()["n_complete"] == 3
+
+    workdir.configure(sweep={"n_trials": 1}, train={"epochs": 1})  # defines another study
+    other = workdir.run()
+    assert other["study"] != first["study"]
+    assert len(workdir.study(other["study"]).get_trials()) == 1
+    assert sorted(optuna.get_all_study_names(workdir.storage)) == sorted(
+        [first["study"], other["study"]])
+
+
+# -- (c) designs that collapse are pruned before training --------------------------------------
+
+
+def test_collapsing_configs_are_pruned_without_training(workdir):
+    workdir.configure(sweep={"n_trials": None})  # the whole grid: 4 trials
+    summary = workdir.run("collapse")
+    study = workdir.study(summary["study"])
+    children = workdir.children(study)
+
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 3, 0)
+    assert summary["best_params"] == {"strides": 1, "dilation_rate": 1, "padding": "valid",
+                                      "seed": 0}
+    expected = {(2, 1): "blocks[1].pool", (1, 2): "blocks[1].conv",
+                (2, 2): "strides > 1 together with dilation_rate > 1"}
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert len(pruned) == 3
+    for trial in pruned:
+        reason = expected[trial.params["strides"], trial.params["dilation_rate"]]
+        assert reason in trial.user_attrs["prune_reason"]
+        assert trial.user_attrs["prune_reason"].startswith("rejected before training")
+        assert trial.user_attrs["epochs_run"] == 0
+        assert trial.intermediate_values == {}
+        run = children[trial.number]
+        assert run.info.status == "KILLED"
+        assert run.data.tags["state"] == "PRUNED"
+        assert reason in run.data.tags["prune_reason"]
+        assert run.data.metrics == {}
+    complete = study.best_trial
+    assert summary["epochs_run"] == complete.user_attrs["epochs_run"] == 2
+
+
+# -- (d) resuming after the sweep process is killed --------------------------------------------
+
+
+def _wait_for_running_trial(work: Workdir, name: str, proc: subprocess.Popen, log: Path,
+                            timeout: float = 180.0) -> int:
+    """The number of a RUNNING trial that already has its MLflow run."""
+    storage = sweep.make_storage(work.storage, 10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be killed:\n"
+                        f"{log.read_text()}")
+        try:
+            study = optuna.load_study(study_name=name, storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "mlflow_run_id" in trial.user_attrs:
+                    return trial.number
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no trial started within {timeout:.0f}s:\n{log.read_text()}")
+
+
+def test_sweep_resumes_after_sigkill(workdir):
+    budget = 4
+    workdir.configure(sweep={"n_trials": budget}, train={"epochs": 5})
+    name = workdir.study_name()
+    log = workdir.root / "sweep.log"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    ablate = Path(sys.executable).parent / "ablate"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(ablate), "sweep", "--experiment", "padding", "--params", str(workdir.params)],
+            cwd=workdir.root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            victim = _wait_for_running_trial(workdir, name, proc, log)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()  # reaped: a zombie would still look alive to the pid check
+    study = workdir.study(name)
+    victim_run = study.trials[victim].user_attrs["mlflow_run_id"]
+    assert study.trials[victim].state == TrialState.RUNNING
+    assert workdir.client.get_run(victim_run).info.status == "RUNNING"
+
+    assert workdir.cli("sweep", "--experiment", "padding") == 0
+
+    trials = study.get_trials()
+    states = _by_state(study)
+    assert states["RUNNING"] == states["WAITING"] == 0
+    assert states["COMPLETE"] + states["PRUNED"] + states["FAIL"] == budget == len(trials)
+    assert len({t.number for t in trials}) == len(trials)
+    points = [json.dumps(t.params, sort_keys=True) for t in trials if t.state != TrialState.FAIL]
+    assert len(set(points)) == len(points)
+    killed = study.trials[victim]
+    assert killed.state == TrialState.FAIL
+    assert "died during the trial" in killed.user_attrs["error"]
+
+    metrics = workdir.metrics()
+    assert metrics["study"] == name
+    assert metrics["n_complete"] + metrics["n_pruned"] + metrics["n_failed"] == budget
+    assert metrics["n_failed"] == states["FAIL"] >= 1
+
+    children = workdir.children(study)
+    assert set(children) == {t.number for t in trials}
+    assert [r.info.run_id for r in children.values() if r.info.status == "RUNNING"] == []
+    assert children[victim].info.run_id == victim_run
+    assert children[victim].info.status == "FAILED"
+    assert "died during the trial" in children[victim].data.tags["error"]
+    assert workdir.parent(study).info.status == "FINISHED"
+
+
+# -- (e) trials that raise ---------------------------------------------------------------------
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
+    real_train = pipeline.train.train
+
+    def train_failing_on_valid(config, params, data, callbacks=()):
+        if config.blocks[0].padding == "valid":
+            raise RuntimeError("simulated failure with valid padding")
+        return real_train(config, params, data, callbacks)
+
+    monkeypatch.setattr(pipeline.train, "train", train_failing_on_valid)
+    # valid, same, valid: two failures but never two in a row
+    workdir.configure(sweep={"n_trials": 3, "max_consecutive_failures": 2})
+
+    summary = workdir.run()
+
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 0, 2)
+    assert summary["best_params"]["padding"] == "same"
+    study = workdir.study(summary["study"])
+    children = workdir.children(study)
+    for trial in study.get_trials():
+        run = children[trial.number]
+        if trial.params["padding"] == "same":
+            assert trial.state == TrialState.COMPLETE
+            continue
+        error = "RuntimeError: simulated failure with valid padding"
+        assert trial.state == TrialState.FAIL
+        assert trial.user_attrs["error"] == error
+        assert run.info.status == "FAILED"
+        assert run.data.tags["state"] == "FAIL"
+        assert run.data.tags["error"] == error
+    assert (workdir.root / "models" / "padding" / "best.keras").is_file()
+
+
+def test_consecutive_failures_stop_the_sweep(workdir, monkeypatch, capsys):
+    calls = []
+
+    def train_always_failing(config, params, data, callbacks=()):
+        calls.append(config)
+        raise RuntimeError(f"simulated failure number {len(calls)}")
+
+    monkeypatch.setattr(pipeline.train, "train", train_always_failing)
+    workdir.configure(sweep={"n_trials": 4, "max_consecutive_failures": 2})
+
+    assert workdir.cli("sweep", "--experiment", "padding") == cli.EXIT_USER_ERROR
+
+    err = capsys.readouterr().err
+    assert "2 trials in a row failed" in err
+    assert "last error: RuntimeError: simulated failure number 2" in err
+    assert len(calls) == 2
+    study = workdir.study(workdir.study_name())
+    assert _by_state(study) == {"FAIL": 2, "WAITING": 2}
+    children = workdir.children(study)
+    assert {r.info.status for r in children.values()} == {"FAILED"}
+    assert workdir.parent(study).info.status == "FAILED"
+    assert not (workdir.root / "metrics" / "padding.json").exists()
+    assert not (workdir.root / "models" / "padding" / "best.keras").exists()
+
+
+def test_study_where_every_trial_fails_ends_with_an_error(workdir, monkeypatch, capsys):
+    def train_always_failing(config, params, data, callbacks=()):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(pipeline.train, "train", train_always_failing)
+
+    assert workdir.cli("sweep", "--experiment", "padding") == cli.EXIT_USER_ERROR
+
+    assert "no trial completed (0 pruned, 2 failed)" in capsys.readouterr().err
+    study = workdir.study(workdir.study_name())
+    assert workdir.parent(study).info.status == "FAILED"
+
+
+# -- (f) other ways of running the workers -----------------------------------------------------
+
+
+@pytest.mark.parametrize("option", [{"isolate": True}, {"n_workers": 2}],
+                         ids=["isolate", "two-workers"])
+def test_sweep_with_worker_processes(workdir, option):
+    workdir.configure(sweep=option)
+
+    summary = workdir.run()
+
+    assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (2, 0, 0)
+    study = workdir.study(summary["study"])
+    trials = study.get_trials()
+    assert sorted(t.params["padding"] for t in trials) == ["same", "valid"]
+    workers = {t.user_attrs["worker"] for t in trials}
+    assert f"{socket.gethostname()}:{os.getpid()}" not in workers
+    if option.get("isolate"):
+        assert len(workers) == 2  # a fresh process per trial
+    children = workdir.children(study)
+    assert set(children) == {t.number for t in trials}
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
+    assert (workdir.root / "models" / "padding" / "best.keras").is_file()
+
+
+# -- (g) command-line errors -------------------------------------------------------------------
+
+
+def test_worker_for_a_study_that_does_not_exist(workdir, capsys):
+    assert workdir.cli("worker", "--experiment", "padding", "--wait", "0") == cli.EXIT_USER_ERROR
+
+    err = capsys.readouterr().err
+    assert f"study {workdir.study_name()} not found" in err
+    assert "ablate sweep --experiment padding" in err
+
+
+def test_sweep_of_an_unknown_experiment(workdir, capsys):
+    assert workdir.cli("sweep", "--experiment", "paddding") == cli.EXIT_USER_ERROR
+    assert "no such experiment; known: collapse, padding" in capsys.readouterr().err
+
+
+def test_sweep_with_an_unknown_storage(workdir, capsys):
+    code = workdir.cli("sweep", "--experiment", "padding", "--storage", "mongodb://u:pw@host/db")
+    assert code == cli.EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "sweep.storage 'mongodb://u:***@host/db'" in err
+    assert "pw" not in err
