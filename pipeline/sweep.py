@@ -505,8 +505,12 @@ def _run_isolated(ctx: Context, study) -> None:
     """`sweep.isolate`: every trial in a fresh process (no state carried between trials)."""
     from optuna.trial import TrialState
 
-    while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        subprocess.run(_worker_command(ctx, 1), check=False)
+    while waiting := len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+        code = subprocess.run(_worker_command(ctx, 1), check=False).returncode
+        left = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if code != 0 and left >= waiting:  # the process died before claiming a trial
+            raise UserError(f"{ctx.experiment.name}: a trial process exited with status "
+                            f"{code} before running a trial; see its error above")
 
 
 def _run_processes(ctx: Context, n_workers: int) -> None:
