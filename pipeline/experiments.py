@@ -182,6 +182,13 @@ def parse_experiment(name: str, data: Any, where: str, n_trials_override: int | 
     if sampler["name"] == "grid":
         n_trials = min(n_trials, grid_size)
     base_level = data.get("base_level") or {}
+    if not isinstance(base_level, dict):
+        raise UserError(f"{where}: base_level: expected a mapping factor -> level")
+    for factor, level in base_level.items():
+        levels = factors.get(factor)
+        if levels is None or (not isinstance(levels, Range) and level not in levels):
+            raise UserError(f"{where}: base_level.{factor}: {level!r} must be one of the "
+                            f"levels of factors.{factor}")
     if base is not None and not base_level:
         base_level = base_levels(base, factors)
     return Experiment(name, factors, sampler, pruner, n_trials, repeats, objective, direction,

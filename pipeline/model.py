@@ -74,8 +74,9 @@ class ModelConfig:
         if unknown:
             raise UserError(f"{where}: unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
         data = dict(data)
-        blocks = data.pop("blocks", [])
-        units = data.pop("dense_units", [])
+        # A missing key keeps the dataclass default; `blocks: []` is the dense baseline.
+        blocks = data.pop("blocks", [dataclasses.asdict(b) for b in cls.blocks])
+        units = data.pop("dense_units", list(cls.dense_units))
         if not isinstance(blocks, list):
             raise UserError(f"{where}.blocks: expected a list of conv blocks")
         if not isinstance(units, list) or not all(

@@ -154,7 +154,10 @@ def _sampler(experiment: Experiment):
     name = spec.pop("name")
     seed = spec.pop("seed", 0)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, **spec)
+        try:
+            return optuna.samplers.TPESampler(seed=seed, **spec)
+        except TypeError as exc:
+            raise UserError(f"experiments/{experiment.name}.yaml: sampler: {exc}") from None
     # grid studies have every point queued with fixed params; the sampler never picks
     return optuna.samplers.RandomSampler(seed=seed)
 

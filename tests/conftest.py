@@ -253,21 +253,19 @@ def _stop_process_group(process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)  # children left behind by the parent
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    """The base URL (`http://127.0.0.1:PORT`) of a real `mlflow server` started for this
-    test module: SQLite backend and proxied artifacts under a temporary folder, one
-    worker. Stopped when the module's tests are done; its log is `<root>/server.log`."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, backend_store_uri: str, env: dict | None = None):
+    """Start `mlflow server` on a free 127.0.0.1 port with `backend_store_uri` and artifacts
+    proxied through it into `root/artifacts`; yield its URL; stop its process group."""
     url = f"http://127.0.0.1:{_free_port()}"
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
         "--port", url.rsplit(":", 1)[1], "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", backend_store_uri,
+        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
     ]
     # No background job runners (huey consumers): nothing here uses them, CPUs are few.
-    env = {**_venv_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**(env or _venv_env(root)), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = root / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=root, env=env, stdout=out,
@@ -277,3 +275,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
         yield url
     finally:
         _stop_process_group(process)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """The base URL (`http://127.0.0.1:PORT`) of a real `mlflow server` started for this
+    test module: SQLite backend and proxied artifacts under a temporary folder, one
+    worker. Stopped when the module's tests are done; its log is `<root>/server.log`."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with running_mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as url:
+        yield url

@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 import zipfile
 from collections import Counter
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import write_params_file
+from conftest import running_mlflow_server, write_params_file
 from optuna.trial import TrialState
 
 from pipeline import sweep
@@ -141,12 +140,6 @@ def redis_url():
         db.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -165,34 +158,9 @@ def pg_mlflow_server(postgres, tmp_path_factory) -> Server:
     """A real `mlflow server` with a PostgreSQL backend store and proxied artifacts
     (`--serve-artifacts`): workers upload and download checkpoints through HTTP only."""
     root = tmp_path_factory.mktemp("mlflow-pg")
-    url = f"http://127.0.0.1:{_free_port()}"
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-        "--port", url.rsplit(":", 1)[1], "--workers", "1",
-        "--backend-store-uri", postgres.url(postgres.create(), driver="psycopg2"),
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-    ]
-    log = root / "server.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(command, cwd=root, env=_subprocess_env(), stdout=out,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited ({server.returncode}):\n{_tail(log)}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after 120s:\n{_tail(log)}")
-            time.sleep(0.3)
+    backend = postgres.url(postgres.create(), driver="psycopg2")
+    with running_mlflow_server(root, backend, _subprocess_env()) as url:
         yield Server(url, root / "artifacts")
-    finally:
-        _stop(server)  # its own session: uvicorn and the job runner go with it
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -133,6 +133,10 @@ MALFORMED = {
     "text-repeats": ("factors: {padding: [same]}\nrepeats: three\n", "repeats"),
     "zero-n-trials": ("factors: {padding: [same]}\nn_trials: 0\n", "n_trials"),
     "tpe-without-budget": ("factors: {padding: [same, valid]}\nsampler: tpe\n", "n_trials"),
+    "base-level-not-a-level": ("factors: {padding: [same, valid]}\nbase_level: {padding: full}\n",
+                               "base_level.padding: 'full' must be one of the levels"),
+    "base-level-not-a-factor": ("factors: {padding: [same]}\nbase_level: {strides: 1}\n",
+                                "base_level.strides"),
 }
 
 
@@ -292,3 +296,15 @@ def test_study_name_changes_with_what_defines_the_study(base, change):
 def test_study_name_ignores_the_budget(base):
     assert _name(base, n_trials=1) == _name(base, n_trials=3) == _name(base)
     assert _name(base, {**PADDING, "n_trials": 2}) == _name(base)
+
+
+def test_bad_sampler_arguments_are_refused_before_any_trial(base):
+    from pipeline.errors import UserError
+    from pipeline.experiments import parse_experiment
+    from pipeline.sweep import _sampler
+
+    experiment = parse_experiment("x", {"factors": {"padding": ["same"]}, "n_trials": 2,
+                                        "sampler": {"name": "tpe", "n_start": 3}}, "x.yaml", None,
+                                  base)
+    with pytest.raises(UserError, match="experiments/x.yaml: sampler: .*n_start"):
+        _sampler(experiment)

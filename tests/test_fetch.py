@@ -173,6 +173,7 @@ def test_a_competition_url_is_rejected_when_params_are_read():
         ),
         (DataParams(), {"KAGGLE_API_TOKEN": "t"}, [], "kaggle", "credentials found"),
         (DataParams(), {}, ["kaggle.json"], "kaggle", "credentials found"),
+        (DataParams(), {}, ["credentials.json"], "kaggle", "credentials found"),
         (DataParams(), {"KAGGLE_USERNAME": "u"}, [], "embedded", "no Kaggle credentials"),
         (DataParams(), {}, [], "embedded", "no data.zip and no Kaggle credentials"),
         (DataParams(source="embedded", zip="d.zip"), {}, [], "embedded", "data.source is embedded"),

@@ -275,3 +275,9 @@ def test_flatten_config_of_the_dense_baseline():
     flat = flatten_config(ModelConfig(blocks=(), dense_units=()))
     assert flat == {"n_blocks": 0, "dense_units": "none", "dense_dropout": 0.0,
                     "learning_rate": 1e-3}
+
+
+def test_missing_model_keys_keep_the_defaults_and_empty_blocks_is_the_baseline():
+    assert ModelConfig.from_dict({}) == ModelConfig()
+    assert ModelConfig.from_dict({"learning_rate": 0.01}).blocks == ModelConfig().blocks
+    assert ModelConfig.from_dict({"blocks": []}).blocks == ()
