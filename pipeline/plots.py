@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -110,6 +111,7 @@ def pareto(points: list[tuple[float, float]], front: list[tuple[float, float]],
         xs, ys = zip(*sorted(front), strict=True)
         ax.plot(xs, ys, "o-", color="C3", label="Pareto front")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no overlapping labels
     ax.set_xlabel("parameters")
     ax.set_ylabel("val_accuracy")
     ax.legend()
