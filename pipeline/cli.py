@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking server shared by all workers")
     p.add_argument("--wait", type=float, default=600.0,
                    help="seconds to wait for the study to be created (default: %(default)s)")
-    p.add_argument("--max-trials", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--max-trials", type=int,
+                   help="exit after this many trials (a process manager restarts the worker; "
+                        "bounds the memory Keras leaks per fit)")
 
     p = sub.add_parser("report", help="summarise the studies into reports/ablation.md")
     _add_params(p)

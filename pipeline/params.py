@@ -86,15 +86,26 @@ class SweepParams:
     storage: str = "sqlite:///optuna.db"
     n_trials: int | None = None
     isolate: bool = False
+    trials_per_process: int | None = None
     n_workers: int = 1
     max_consecutive_failures: int = 5
     heartbeat_seconds: int = 10
+
+    @property
+    def per_process(self) -> int | None:
+        """Trials one process runs before a fresh one takes over (None: no limit).
+
+        Keras leaks about 10 MB per `fit` in a long-lived process (keras-team/keras#17458),
+        so long sweeps bound it by recycling processes; `isolate` is one trial each."""
+        return 1 if self.isolate else self.trials_per_process
 
     def __post_init__(self) -> None:
         if self.n_trials is not None and self.n_trials < 1:
             raise ValueError("n_trials must be >= 1 or null (use each experiment's budget)")
         if self.n_workers < 1:
             raise ValueError("n_workers must be >= 1")
+        if self.trials_per_process is not None and self.trials_per_process < 1:
+            raise ValueError("trials_per_process must be >= 1 or null (no limit)")
         if self.max_consecutive_failures < 1:
             raise ValueError("max_consecutive_failures must be >= 1")
 

@@ -504,12 +504,13 @@ def _worker_command(ctx: Context, max_trials: int | None) -> list[str]:
     return command
 
 
-def _run_isolated(ctx: Context, study) -> None:
-    """`sweep.isolate`: every trial in a fresh process (no state carried between trials)."""
+def _run_in_fresh_processes(ctx: Context, study, per_process: int) -> None:
+    """`sweep.isolate` / `sweep.trials_per_process`: trials in fresh processes, at most
+    `per_process` each, one after another, so no process lives long enough to bloat."""
     from optuna.trial import TrialState
 
     while waiting := len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
-        code = subprocess.run(_worker_command(ctx, 1), check=False).returncode
+        code = subprocess.run(_worker_command(ctx, per_process), check=False).returncode
         left = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if code != 0 and left >= waiting:  # the process died before claiming a trial
             raise UserError(f"{ctx.experiment.name}: a trial process exited with status "
@@ -518,7 +519,8 @@ def _run_isolated(ctx: Context, study) -> None:
 
 def _run_processes(ctx: Context, n_workers: int) -> None:
     """`sweep.n_workers`: several worker processes on the same storage."""
-    procs = [subprocess.Popen(_worker_command(ctx, None)) for _ in range(n_workers)]
+    procs = [subprocess.Popen(_worker_command(ctx, ctx.sweep.per_process))
+             for _ in range(n_workers)]
     codes = [p.wait() for p in procs]
     if any(codes):
         log.warning("worker exit codes: %s", codes)
@@ -646,8 +648,8 @@ def main(params_path: str = "params.yaml", experiment: str = "", storage: str | 
     def run_waiting() -> None:
         if workers > 1:
             _run_processes(ctx, workers)
-        elif ctx.sweep.isolate:
-            _run_isolated(ctx, study)
+        elif ctx.sweep.per_process:
+            _run_in_fresh_processes(ctx, study, ctx.sweep.per_process)
         else:
             work(ctx, study, tracker, parent_id)
 

@@ -461,8 +461,9 @@ def test_study_where_every_trial_fails_ends_with_an_error(workdir, monkeypatch, 
 # -- (f) other ways of running the workers -----------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [{"isolate": True}, {"n_workers": 2}],
-                         ids=["isolate", "two-workers"])
+@pytest.mark.parametrize("option", [{"isolate": True}, {"trials_per_process": 1},
+                                    {"n_workers": 2}],
+                         ids=["isolate", "one-trial-per-process", "two-workers"])
 def test_sweep_with_worker_processes(workdir, option):
     workdir.configure(sweep=option)
 
@@ -474,7 +475,7 @@ def test_sweep_with_worker_processes(workdir, option):
     assert sorted(t.params["padding"] for t in trials) == ["same", "valid"]
     workers = {t.user_attrs["worker"] for t in trials}
     assert f"{socket.gethostname()}:{os.getpid()}" not in workers
-    if option.get("isolate"):
+    if option.get("isolate") or option.get("trials_per_process") == 1:
         assert len(workers) == 2  # a fresh process per trial
     children = workdir.children(study)
     assert set(children) == {t.number for t in trials}
