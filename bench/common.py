@@ -70,6 +70,16 @@ def make_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def overrides_with_trials(items: list[str], trials: int | None) -> dict[str, Any]:
+    """`-S` overrides plus `--trials` as `sweep.n_trials` (checked >= 1)."""
+    overrides = parse_overrides(items)
+    if trials is not None:
+        if trials < 1:
+            raise UserError("--trials must be >= 1")
+        overrides["sweep.n_trials"] = trials
+    return overrides
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`["train.epochs=2"]` -> `{"train.epochs": 2}`; values are parsed as YAML."""
     overrides = {}

@@ -56,11 +56,7 @@ def describe(summary: dict) -> str:
 def main() -> None:
     args = parse_args()
     common.setup_logging(args.verbose)
-    overrides = common.parse_overrides(args.overrides)
-    if args.trials is not None:
-        if args.trials < 1:
-            raise common.UserError("--trials must be >= 1")
-        overrides["sweep.n_trials"] = args.trials
+    overrides = common.overrides_with_trials(args.overrides, args.trials)
     raw = common.read_params(overrides)
     data, label = common.load_data(args.data, raw)
 

@@ -218,11 +218,7 @@ def main() -> None:
     unknown = sorted(set(tuners) - set(TUNERS))
     if unknown:
         raise common.UserError(f"--tuners: unknown {unknown}; use {', '.join(TUNERS)}")
-    overrides = common.parse_overrides(args.overrides)
-    if args.trials is not None:
-        if args.trials < 1:
-            raise common.UserError("--trials must be >= 1")
-        overrides["sweep.n_trials"] = args.trials
+    overrides = common.overrides_with_trials(args.overrides, args.trials)
     raw = common.read_params(overrides)
     base, train_params = common.base_config(raw)
     data, label = common.load_data(args.data, raw)
