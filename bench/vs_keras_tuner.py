@@ -23,6 +23,9 @@ is given both ways for the joint study: `best` (ours) and `best any epoch` (comp
 Our wall time includes MLflow tracking and the final model registration; Keras Tuner
 tracks nothing beyond its own checkpoints.
 
+Target (per tuner): a best value at least Keras Tuner's, compared on the best epoch's
+val_accuracy, in at most its wall time (ours including tracking).
+
 Needs keras-tuner: pip install -e '.[bench]'
 
 Run:   python bench/vs_keras_tuner.py                         # shared MNIST-10k
@@ -235,8 +238,22 @@ def main() -> None:
             results[name] = run_tuner(kt, name, args, root, spec, base, train_params, data,
                                       budget)
     parts = [f"{name}: {describe(result)}" for name, result in results.items()]
+    verdicts = [f"vs {name} {verdict(results['joint'], results[name])}" for name in tuners]
     print(f"vs_keras_tuner data={label} budget={spec.n_trials}x{train_params.epochs}="
-          f"{budget} epochs | " + " | ".join(parts))
+          f"{budget} epochs | " + " | ".join(parts) + " | target: best >= theirs in <= their "
+          "wall time: " + ", ".join(verdicts))
+
+
+def verdict(joint: dict, theirs: dict) -> str:
+    """The issue's target against one tuner, on the comparable score (best epoch's
+    val_accuracy, as Keras Tuner scores) and on wall time."""
+    ours = joint.get("best_any_epoch")
+    if ours is None or theirs["best"] is None:
+        return "n/a"
+    points = 100 * (ours - theirs["best"])
+    ratio = joint["seconds"] / max(theirs["seconds"], 1e-9)
+    ok = points >= 0 and ratio <= 1
+    return f"{points:+.2f} points, {ratio:.2f}x time: {common.verdict(ok)}"
 
 
 if __name__ == "__main__":
