@@ -10,6 +10,7 @@ Run: `ablate train` (or `dvc repro train`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -85,10 +86,11 @@ def train(config: ModelConfig, params: TrainParams, data: Dataset,
         monitor="val_loss", patience=params.patience, restore_best_weights=True
     )
     start = time.perf_counter()
-    fit = model.fit(
-        train_ds, validation_data=val_ds, epochs=params.epochs, verbose=0, shuffle=False,
-        callbacks=[stopper, *callbacks],
-    )
+    with _forget_traced_gradients():
+        fit = model.fit(
+            train_ds, validation_data=val_ds, epochs=params.epochs, verbose=0, shuffle=False,
+            callbacks=[stopper, *callbacks],
+        )
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in fit.history.get(k, [])] for k in HISTORY_KEYS}
     # EarlyStopping never counts a NaN val_loss as an improvement, so neither may we:
@@ -105,6 +107,34 @@ def train(config: ModelConfig, params: TrainParams, data: Dataset,
         "train_seconds": seconds,
     }
     return TrainResult(metrics, history, model)
+
+
+@contextlib.contextmanager
+def _forget_traced_gradients():
+    """Unregister the gradient functions TensorFlow registers while `fit` traces its step.
+
+    Keras's optimizer sums gradients across replicas with `tf.distribute`, which wraps
+    them in `tf.custom_gradient`. Traced in graph mode, that registers a uniquely named
+    gradient function ("CustomGradient-<n>") in TensorFlow's global gradient registry and
+    never removes it, and the function's closure holds the traced train step's tensors:
+    every trained model leaks its whole graph, about 10 MB a trial here (the leak of
+    keras-team/keras#17458). Gradients are looked up only while tracing, so once `fit`
+    has returned the entries are dead weight. One training at a time per process.
+    """
+    try:
+        from tensorflow.python.framework import ops
+
+        registry = ops.gradient_registry._registry
+    except (ImportError, AttributeError):  # another TensorFlow layout: nothing to forget
+        yield
+        return
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for name in set(registry) - before:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
 
 
 def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:

@@ -4,6 +4,7 @@ repeatable by seed, and early stopping hands back the best epoch by `val_loss`."
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import keras
@@ -192,3 +193,29 @@ def test_a_few_epochs_learn_the_digits(digits):
     result = train(OPTIONS["pooling-max"], TrainParams(epochs=3, batch_size=32, seed=0),
                    digits)
     assert result.metrics["val_accuracy"] > 0.5  # ten classes: chance is 0.1
+
+
+def _live_train_steps() -> int:
+    return sum(1 for o in gc.get_objects()
+               if type(o).__name__ == "FuncGraph" and o.name == "one_step_on_data")
+
+
+def test_trained_models_are_freed_once_dropped(digits):
+    # TensorFlow's gradient registry used to keep every traced train step alive
+    # (about 10 MB a trial); a long in-process sweep must not accumulate them.
+    gc.collect()
+    before = _live_train_steps()
+    for seed in range(2):
+        result = train(OPTIONS["regularization-batchnorm"], dataclasses.replace(ONE_EPOCH,
+                       seed=seed), digits)
+        del result
+    gc.collect()
+    assert _live_train_steps() == before
+
+
+def test_a_model_trains_again_after_train_returns(digits):
+    result = train(OPTIONS["padding-same"], ONE_EPOCH, digits)
+    before = _val_loss(result.model, digits)
+    result.model.fit(digits.x_train, np.eye(10, dtype=np.float32)[digits.y_train],
+                     epochs=3, batch_size=64, verbose=0)
+    assert _val_loss(result.model, digits) < before
