@@ -309,14 +309,6 @@ def load_study(workspace: Workspace, experiment: str):
         return sweep.open_study(ctx, create=False)
 
 
-def count_rejected(study) -> int:
-    """Trials pruned before training (a config the shape check or the config refused),
-    as opposed to those the pruner stopped."""
-    return sum(t.state.name == "PRUNED"
-               and str(t.user_attrs.get("prune_reason", "")).startswith("rejected")
-               for t in study.get_trials(deepcopy=False))
-
-
 # -- timing -------------------------------------------------------------------------------------
 class Stopwatch:
     """`with Stopwatch() as clock: ...` then `clock.seconds` (wall clock)."""

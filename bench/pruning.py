@@ -40,7 +40,6 @@ def run(label: str, root, data, raw, changes: dict) -> dict:
     common.note(f"{label}: running the {EXPERIMENT} study in {workspace.root}")
     summary, seconds = common.run_sweep(workspace, EXPERIMENT)
     summary["total_seconds"] = seconds
-    summary["n_rejected"] = common.count_rejected(common.load_study(workspace, EXPERIMENT))
     summary["n_stopped"] = summary["n_pruned"] - summary["n_rejected"]
     common.note(f"{label}: {describe(summary)}")
     return summary

@@ -195,7 +195,7 @@ def run_joint(root, data, raw) -> tuple[dict, object]:
     seen = [v for t in study.get_trials(deepcopy=False) for v in t.intermediate_values.values()]
     result = {"best": summary["best_value"], "best_any_epoch": max(seen, default=None),
               "seconds": seconds, "trial_seconds": summary["wall_seconds"],
-              "trials": summary["n_trials"], "failed": common.count_rejected(study),
+              "trials": summary["n_trials"], "failed": summary["n_rejected"],
               "epochs": summary["epochs_run"]}
     common.note(f"joint: {describe(result)}")
     return result, workspace

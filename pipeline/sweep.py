@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 CHECKPOINT = "checkpoint/best.keras"
+REJECTED = "rejected before training"
 
 
 @dataclass
@@ -403,7 +404,7 @@ def run_trial(ctx: Context, study, trial, tracker, parent_id: str) -> tuple[str,
             except ShapeError as exc:
                 invalid = str(exc)
         if invalid is not None:
-            raise optuna.TrialPruned(f"rejected before training: {invalid}")
+            raise optuna.TrialPruned(f"{REJECTED}: {invalid}")
         with _Heartbeat(study._storage, trial._trial_id, ctx.sweep.heartbeat_seconds):
             result = train(config, train_params, ctx.data,
                            callbacks=[tracker.epoch_logger(run_id), pruning])
@@ -547,6 +548,12 @@ def wait_for_running(ctx: Context, study, poll: float = 2.0, run_waiting=None) -
 
 
 # -- finishing a study ----------------------------------------------------------------------
+def is_rejected(trial) -> bool:
+    """Pruned before any training (a config the shape check or its own rules refused), as
+    opposed to stopped by the pruner; `n_rejected` counts these within `n_pruned`."""
+    return str(trial.user_attrs.get("prune_reason", "")).startswith(REJECTED)
+
+
 def summarize(study, experiment: Experiment) -> dict[str, Any]:
     from optuna.trial import TrialState
 
@@ -565,6 +572,7 @@ def summarize(study, experiment: Experiment) -> dict[str, Any]:
         "n_trials": experiment.n_trials,
         "n_complete": count[TrialState.COMPLETE],
         "n_pruned": count[TrialState.PRUNED],
+        "n_rejected": sum(t.state == TrialState.PRUNED and is_rejected(t) for t in trials),
         "n_failed": count[TrialState.FAIL],
         "epochs_run": sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials),
         "wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1)

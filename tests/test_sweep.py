@@ -45,6 +45,13 @@ COLLAPSE = """\
 factors: {strides: [1, 2], dilation_rate: [1, 2], padding: [valid]}
 """
 
+# Two learning rates, in this order: the tiny one cannot match the first trial after one
+# epoch, so the median pruner (one startup trial, no warm-up) stops it there.
+HOPELESS = """\
+factors: {learning_rate: [0.003, 1.0e-7]}
+pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
+"""
+
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
@@ -141,6 +148,7 @@ def _make_workdir(root: Path, prepared: Path, mlflow_db: Path) -> Workdir:
     (root / "experiments").mkdir(parents=True)
     shutil.copy2(REPO_ROOT / "experiments" / "padding.yaml", root / "experiments")
     (root / "experiments" / "collapse.yaml").write_text(COLLAPSE)
+    (root / "experiments" / "hopeless.yaml").write_text(HOPELESS)
     work = Workdir(root, prepared)
     work.configure()
     return work
@@ -283,7 +291,24 @@ def test_rerun_continues_the_same_study_and_new_train_params_start_another(workd
         [first["study"], other["study"]])
 
 
-# -- (c) designs that collapse are pruned before training --------------------------------------
+# -- (c) the pruner, and designs that collapse, prune trials ---------------------------------
+
+
+def test_the_pruner_stops_a_hopeless_trial(workdir):
+    workdir.configure(train={"epochs": 3}, sweep={"n_trials": None})
+    summary = workdir.run("hopeless")
+    study = workdir.study(summary["study"])
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+
+    assert (len(complete), len(pruned), summary["n_rejected"]) == (1, 1, 0)
+    assert pruned[0].params["learning_rate"] == pytest.approx(1e-7)
+    assert pruned[0].user_attrs["epochs_run"] == 1
+    assert pruned[0].user_attrs["prune_reason"].startswith("pruned after epoch 1:")
+    assert summary["epochs_run"] == complete[0].user_attrs["epochs_run"] + 1
+    run = workdir.children(study)[pruned[0].number]
+    assert (run.info.status, run.data.tags["state"]) == ("KILLED", "PRUNED")
+    assert len(workdir.client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
 
 
 def test_collapsing_configs_are_pruned_without_training(workdir):
@@ -293,6 +318,7 @@ def test_collapsing_configs_are_pruned_without_training(workdir):
     children = workdir.children(study)
 
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 3, 0)
+    assert summary["n_rejected"] == 3
     assert summary["best_params"] == {"strides": 1, "dilation_rate": 1, "padding": "valid",
                                       "seed": 0}
     expected = {(2, 1): "blocks[1].pool", (1, 2): "blocks[1].conv",
