@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the study to be created (default: %(default)s)")
     p.add_argument("--max-trials", type=int,
                    help="exit after this many trials (a process manager restarts the worker; "
-                        "bounds the memory Keras leaks per fit)")
+                        "bounds a long-lived process's memory)")
 
     p = sub.add_parser("report", help="summarise the studies into reports/ablation.md")
     _add_params(p)

@@ -95,8 +95,10 @@ class SweepParams:
     def per_process(self) -> int | None:
         """Trials one process runs before a fresh one takes over (None: no limit).
 
-        Keras leaks about 10 MB per `fit` in a long-lived process (keras-team/keras#17458),
-        so long sweeps bound it by recycling processes; `isolate` is one trial each."""
+        Recycling processes bounds whatever a long-lived process still accumulates (the
+        allocator's high-water mark, a leak in another TensorFlow version) and contains a
+        native crash, for a TensorFlow import (about 8 s) per process; `isolate` is one
+        trial each."""
         return 1 if self.isolate else self.trials_per_process
 
     def __post_init__(self) -> None:
