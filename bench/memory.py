@@ -2,9 +2,9 @@
 
 `--mode sweep` (default) runs a real study in this process, trial by trial, with the
 pipeline's own functions (`load_context`, `open_study`, `fill_queue`, `work`) on
-temporary SQLite stores for Optuna and MLflow: the joint study (TPE, median pruner) with
-its budget set to `--trials`, so models of every width and kind are built, trained,
-tracked and dropped. `--mode train` is the bare loop underneath: `train()` of the base
+temporary SQLite stores for Optuna and MLflow: the joint study (TPE, successive
+halving) with its budget set to `--trials`, so models of every width and kind are built,
+trained, tracked and dropped. `--mode train` is the bare loop underneath: `train()` of the base
 model, one seed per trial, no Optuna or MLflow, to tell a Keras/TensorFlow leak from a
 tracking one. The resident set size (psutil) is read after every trial; reported are
 RSS after trial 1, after the last, the growth between them and the least-squares slope

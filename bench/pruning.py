@@ -2,8 +2,9 @@
 
 `experiments/joint.yaml` is run twice in this process through `pipeline.sweep.main`, each
 time in a fresh workspace (new SQLite stores for Optuna and MLflow): once as it is (its
-median pruner) and once with `pruner: none`, with the same sampler and seed, the same
-trial budget (`--trials`, default the file's `n_trials`), data and training settings.
+pruner, successive halving) and once with `pruner: none`, with the same sampler and
+seed, the same trial budget (`--trials`, default the file's `n_trials`), data and
+training settings.
 Reported per run: epochs trained over all trials, wall time of the trials (first start
 to last end) and of the whole sweep (including the best model's logging), best
 val_accuracy, and trials complete, pruned (stopped by the pruner), rejected (a config

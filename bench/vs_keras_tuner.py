@@ -1,7 +1,7 @@
 """Our joint study against Keras Tuner's Hyperband and RandomSearch, same space and budget.
 
 In one process, on the same data and machine:
-- `joint`: `experiments/joint.yaml` through `pipeline.sweep.main` (TPE, median pruner,
+- `joint`: `experiments/joint.yaml` through `pipeline.sweep.main` (TPE, successive halving,
   MLflow tracking, best model logged and registered) in a fresh temporary workspace;
 - `hyperband`, `random`: Keras Tuner over the same factors and levels (padding, strides,
   dilation_rate, pooling, regularization, width, learning_rate), each model built by
