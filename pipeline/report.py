@@ -259,6 +259,9 @@ def report_joint(name: str, records: list[TrialRecord], study,
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
         lines += [f"Best val_accuracy {best.value:.4f} (trial {best.number}): {params}.", ""]
     if weights:
+        lines += [f"Parameter importances (Optuna's default, fANOVA) over the {len(done)} "
+                  "complete trials; pruned ones do not count, so with few complete trials "
+                  "read them as a hint.", ""]
         lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in weights.items()]
         lines.append("")

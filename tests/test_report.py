@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import types
 
@@ -121,3 +122,39 @@ def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path
     levels = json.loads(json.dumps(results))["padding"]["levels"]
     assert levels["blank"]["real_effect"] is True
     assert levels["copy"]["real_effect"] is False
+
+
+def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
+    # val_accuracy follows learning_rate and ignores padding; two trials were pruned
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="joint-abc", storage=storage, direction="maximize")
+    distributions = {"padding": optuna.distributions.CategoricalDistribution(["same", "valid"]),
+                     "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        lr = float(10 ** rng.uniform(-4, -2))
+        params = {"padding": ["same", "valid"][i % 2], "learning_rate": lr}
+        pruned = i in (3, 7)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=distributions,
+            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
+            value=None if pruned else 0.5 + 10 * lr,
+            intermediate_values={0: 0.3} if pruned else None,
+            user_attrs={"n_params": 1000 * (i + 1), "history": HISTORY},
+        ))
+    experiment = parse_experiment("joint", {
+        "factors": {"padding": ["same", "valid"],
+                    "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
+        "sampler": {"name": "tpe"}, "n_trials": 24}, "joint.yaml")
+    markdown, results = build_report(
+        {"joint": {"study": "joint-abc", "best_value": 0.6, "_experiment": experiment}},
+        storage, tmp_path, SETTINGS,
+    )
+    weights = results["joint"]["importances"]
+    assert weights["learning_rate"] > 0.8 > weights["padding"]
+    assert "22 complete, 2 pruned, 0 failed" in markdown
+    assert "over the 22 complete trials" in markdown
+    front = results["joint"]["pareto"]
+    assert [p["n_params"] for p in front] == sorted(p["n_params"] for p in front)
+    assert all(b["val_accuracy"] > a["val_accuracy"] for a, b in itertools.pairwise(front))
+    assert (tmp_path / "joint_pareto.png").stat().st_size > 1000
