@@ -522,7 +522,7 @@ def test_worker_for_a_study_that_does_not_exist(workdir, capsys):
 
 def test_sweep_of_an_unknown_experiment(workdir, capsys):
     assert workdir.cli("sweep", "--experiment", "paddding") == cli.EXIT_USER_ERROR
-    assert "no such experiment; known: collapse, padding" in capsys.readouterr().err
+    assert "no such experiment; known: collapse, hopeless, padding" in capsys.readouterr().err
 
 
 def test_sweep_with_an_unknown_storage(workdir, capsys):
