@@ -117,7 +117,7 @@ def _forget_traced_gradients():
     them in `tf.custom_gradient`. Traced in graph mode, that registers a uniquely named
     gradient function ("CustomGradient-<n>") in TensorFlow's global gradient registry and
     never removes it, and the function's closure holds the traced train step's tensors:
-    every trained model leaks its whole graph, about 10 MB a trial here (the leak of
+    every trained model leaks its whole graph, 10 to 30 MB a trial here (the leak of
     keras-team/keras#17458). Gradients are looked up only while tracing, so once `fit`
     has returned the entries are dead weight. One training at a time per process.
     """
