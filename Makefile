@@ -16,6 +16,7 @@ run: $(BIN)/ablate
 
 test: $(BIN)/ablate
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/ruff check .
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/ruff format --check .
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/pytest
 
 clean:

@@ -120,7 +120,7 @@ def run_main(main) -> None:
 # -- params -------------------------------------------------------------------------------------
 def read_params(overrides: dict[str, Any] | None = None, path: Path = PARAMS) -> dict[str, Any]:
     """The repository's `params.yaml` with `overrides` (dotted keys) applied."""
-    from pipeline.params import read_params as read
+    from pipeline.config import read_params as read
 
     raw = read(path)
     return apply_overrides(raw, overrides or {})
@@ -144,10 +144,10 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 def base_config(raw: dict[str, Any]):
     """(ModelConfig, TrainParams) of a params mapping, validated like the pipeline does."""
     from pipeline.model import ModelConfig
-    from pipeline.params import load_section
+    from pipeline.params import TrainParams, from_dict
 
     config = ModelConfig.from_dict(raw.get("model") or {}, "params.yaml: model")
-    return config, load_section("train", "params.yaml", raw)
+    return config, from_dict(TrainParams, raw.get("train") or {}, "params.yaml: train")
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -175,12 +175,12 @@ def fetch_raw(source: str, dest: Path) -> str:
 
 def load_data(source: str, raw: dict[str, Any] | None = None):
     """(Dataset, label) for `--data`, prepared with `params.yaml`'s `prepare` section."""
-    from pipeline.params import load_section
+    from pipeline.params import DataParams, PrepareParams, from_dict
     from pipeline.prepare import prepare
 
     raw = read_params() if raw is None else raw
-    settings = load_section("prepare", "params.yaml", raw)
-    competition = load_section("data", "params.yaml", raw).competition
+    settings = from_dict(PrepareParams, raw.get("prepare") or {}, "params.yaml: prepare")
+    competition = from_dict(DataParams, raw.get("data") or {}, "params.yaml: data").competition
     with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
         label = fetch_raw(source, Path(tmp))
         data, _ = prepare(Path(tmp), competition, settings)
@@ -294,19 +294,20 @@ def working_directory(path: Path) -> Iterator[None]:
 def run_sweep(workspace: Workspace, experiment: str) -> tuple[dict[str, Any], float]:
     """`ablate sweep --experiment NAME` in-process on the workspace; (summary, seconds)."""
     from pipeline import sweep
+    from pipeline.config import load_config
 
     with working_directory(workspace.root), Stopwatch() as clock:
-        summary = sweep.main(str(workspace.params_path), experiment)
+        summary = sweep.main(load_config(workspace.params_path), experiment)
     return summary, clock.seconds
 
 
 def load_study(workspace: Workspace, experiment: str):
-    """The finished study of `experiment` in the workspace, for a closer look."""
-    from pipeline import sweep
+    """The finished Optuna study of `experiment` in the workspace, for a closer look."""
+    from pipeline.config import load_config
+    from pipeline.trial import Job
 
     with working_directory(workspace.root):
-        ctx = sweep.load_context(str(workspace.params_path), experiment)
-        return sweep.open_study(ctx, create=False)
+        return Job.load(load_config(workspace.params_path), experiment).open_study().optuna
 
 
 # -- timing -------------------------------------------------------------------------------------

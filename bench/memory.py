@@ -1,7 +1,7 @@
 """Does a long in-process sweep leak memory? (target: RSS growth <= 50 MB over 30 trials)
 
 `--mode sweep` (default) runs a real study in this process, trial by trial, with the
-pipeline's own functions (`load_context`, `open_study`, `fill_queue`, `work`) on
+pipeline's own functions (`Job.load`, `open_study`, `fill_queue`, `workers.work`) on
 temporary SQLite stores for Optuna and MLflow: the joint study (TPE, successive
 halving) with its budget set to `--trials`, so models of every width and kind are built,
 trained, tracked and dropped. `--mode train` is the bare loop underneath: `train()` of the base
@@ -47,23 +47,26 @@ def rss_mb() -> float:
 
 def sweep_trials(args, workspace, n_trials: int):
     """Yield after each trial of a real in-process study."""
-    from pipeline import sweep
+    from pipeline import sweep, workers
+    from pipeline.config import load_config
     from pipeline.tracking import Tracker
+    from pipeline.trial import Job
 
     with common.working_directory(workspace.root):
-        ctx = sweep.load_context(str(workspace.params_path), args.experiment)
-        if ctx.experiment.n_trials < n_trials:
+        config = load_config(workspace.params_path)
+        job = Job.load(config, args.experiment)
+        if job.experiment.n_trials < n_trials:
             raise common.UserError(
-                f"experiment {args.experiment} holds only {ctx.experiment.n_trials} trials "
+                f"experiment {args.experiment} holds only {job.experiment.n_trials} trials "
                 f"(a grid is capped at its size); use --experiment joint for {n_trials}")
-        tracker = Tracker.connect(ctx.tracking_uri, ctx.tracking_experiment)
-        study = sweep.open_study(ctx, create=True)
-        parent_id = sweep.parent_run(ctx, study, tracker)
-        sweep.fill_queue(study, ctx.experiment)
+        tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
+        study = job.open_study(create=True)
+        parent_id = sweep.parent_run(job, study, tracker)
+        study.fill_queue(job.experiment)
         for _ in range(n_trials):
-            if sweep.work(ctx, study, tracker, parent_id, max_trials=1) == 0:
+            if workers.work(job, study, tracker, parent_id, max_trials=1) == 0:
                 return
-            finished = [t for t in study.get_trials(deepcopy=False)
+            finished = [t for t in study.optuna.get_trials(deepcopy=False)
                         if t.state.is_finished() and t.datetime_complete]
             last = max(finished, key=lambda t: t.datetime_complete)
             epochs = last.user_attrs.get("epochs_run", 0)

@@ -97,7 +97,7 @@ def trials_span(workspace: common.Workspace) -> tuple[float, int]:
     """(seconds from the first trial's start to the last one's end, trials finished)."""
     import json
 
-    metrics = json.loads((workspace.root / "metrics" / f"{EXPERIMENT}.json").read_text())
+    metrics = json.loads((workspace.root / "metrics" / "sweeps" / f"{EXPERIMENT}.json").read_text())
     done = metrics["n_complete"] + metrics["n_pruned"] + metrics["n_failed"]
     return metrics["wall_seconds"], done
 

@@ -1,7 +1,7 @@
 """What full MLflow tracking costs on top of training (target: tracked/bare <= 1.03).
 
 The base model of `params.yaml`, the same data and the same seed are trained bare,
-`train(config, params, data)`, and fully tracked, `Tracker.train_run(...)` (params,
+`train(config, params, data)`, and fully tracked, `train_tracked(tracker, ...)` (params,
 per-epoch metrics, tags, the artifacts of the `train` stage and the checkpoint) against a
 temporary SQLite store, alternating, `--repeats` times each after one untimed warm-up of
 each (the first fit pays for graph tracing and lazy imports). Then one
@@ -40,7 +40,7 @@ def main() -> None:
     data, label = common.load_data(args.data, raw)
 
     from pipeline.tracking import Tracker
-    from pipeline.train import train
+    from pipeline.train import train, train_tracked
 
     with common.temporary_folder("bench-tracking-", args.keep) as root, \
             common.working_directory(root):
@@ -51,7 +51,7 @@ def main() -> None:
             return train(config, params, data)
 
         def tracked():
-            return tracker.train_run(config, params, data, checkpoint)
+            return train_tracked(tracker, config, params, data, checkpoint)
 
         if args.warmup:
             common.note("warm-up: one bare and one tracked run, untimed")

@@ -8,11 +8,14 @@ credentials) print one line and exit with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
+import re
 import sys
+import tempfile
+from collections.abc import Callable
 
+from pipeline.config import Config, load_config
 from pipeline.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -68,33 +71,118 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    """The project's own lines at INFO; the libraries' only when something is wrong."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("tensorflow", "absl", "alembic", "mlflow", "urllib3", "optuna", "h5py"):
+    for noisy in ("tensorflow", "absl", "alembic", "mlflow", "urllib3", "optuna", "h5py",
+                  "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own at import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-# command -> (module, function); each stage module's `main` takes the params path first.
-ENTRY_POINTS = {"worker": ("pipeline.sweep", "worker_main")}
+# TensorFlow's C++ side prints these straight to file descriptor 2 while it loads and
+# first looks for a GPU, before any log level applies: on a CPU machine they are noise.
+TF_BANNERS = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cudart_stub|cuInit|cuda_(driver|platform)"
+    r"|Unable to register cu(DNN|FFT|BLAS) factory|TF-TRT Warning|computation_placer"
+    r"|This TensorFlow binary is optimized|rebuild TensorFlow with the appropriate"
+)
 
 
-def run(args: argparse.Namespace) -> None:
-    module, function = ENTRY_POINTS.get(args.command, (f"pipeline.{args.command}", "main"))
-    entry = getattr(importlib.import_module(module), function)
-    options = {k: v for k, v in vars(args).items() if k not in {"command", "verbose", "params"}}
-    entry(args.params, **options)
+def _load_tensorflow_quietly() -> None:
+    """Import TensorFlow and look for GPUs once, dropping its start-up banners from the
+    process's stderr and passing every other line through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not TF_BANNERS.search(line):
+                    print(line, file=sys.stderr)
+
+
+# Each command: the stage function it reaches, called with the loaded config and the
+# command's own options. Stage modules are imported when their command runs (TensorFlow
+# takes seconds to import; `ablate fetch` never needs it).
+def _fetch(config: Config, args: argparse.Namespace) -> None:
+    from pipeline import fetch
+
+    fetch.main(config)
+
+
+def _prepare(config: Config, args: argparse.Namespace) -> None:
+    from pipeline import prepare
+
+    prepare.main(config)
+
+
+def _train(config: Config, args: argparse.Namespace) -> None:
+    _load_tensorflow_quietly()
+    from pipeline import train
+
+    train.main(config)
+
+
+def _sweep(config: Config, args: argparse.Namespace) -> None:
+    _load_tensorflow_quietly()
+    from pipeline import sweep
+
+    sweep.main(config, args.experiment)
+
+
+def _worker(config: Config, args: argparse.Namespace) -> None:
+    _load_tensorflow_quietly()
+    from pipeline import workers
+
+    workers.main(config, args.experiment, wait=args.wait, max_trials=args.max_trials)
+
+
+def _report(config: Config, args: argparse.Namespace) -> None:
+    from pipeline import report
+
+    report.main(config)
+
+
+def _submit(config: Config, args: argparse.Namespace) -> None:
+    _load_tensorflow_quietly()
+    from pipeline import submit
+
+    submit.main(config, upload=args.upload, message=args.message)
+
+
+COMMANDS: dict[str, Callable[[Config, argparse.Namespace], None]] = {
+    "fetch": _fetch, "prepare": _prepare, "train": _train, "sweep": _sweep,
+    "worker": _worker, "report": _report, "submit": _submit,
+}
+
+
+def load(args: argparse.Namespace) -> Config:
+    """The params file with the command line's overrides applied."""
+    return load_config(args.params).override(
+        storage=getattr(args, "storage", None),
+        tracking_uri=getattr(args, "tracking_uri", None),
+        n_workers=getattr(args, "n_workers", None),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     try:
-        run(args)
+        COMMANDS[args.command](load(args), args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

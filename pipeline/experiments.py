@@ -12,16 +12,19 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline.errors import UserError
-from pipeline.model import ACTIVATIONS, PADDINGS, POOLINGS, REGULARIZATIONS, ModelConfig
+from pipeline.model import ConvBlock, ModelConfig
 from pipeline.params import TrainParams
-from pipeline.train import OBJECTIVES
+
+# The metrics `train()` returns that a study may optimise.
+OBJECTIVES = ("val_accuracy", "val_loss")
 
 
 @dataclass(frozen=True)
@@ -33,21 +36,27 @@ class Factor:
     allowed: tuple | None = None
 
 
-FACTORS: dict[str, Factor] = {
-    "padding": Factor("block", str, PADDINGS),
-    "strides": Factor("block", int),
-    "dilation_rate": Factor("block", int),
-    "kernel_size": Factor("block", int),
-    "pooling": Factor("block", str, POOLINGS),
-    "pool_size": Factor("block", int),
-    "regularization": Factor("block", str, REGULARIZATIONS),
-    "dropout_rate": Factor("block", float),
-    "activation": Factor("block", str, ACTIVATIONS),
-    "width": Factor("model", float),  # multiplies every block's filters
-    "dense_dropout": Factor("model", float),
-    "learning_rate": Factor("model", float),
-    "seed": Factor("train", int),
-}
+def _factor(target: str, hint: Any) -> Factor:
+    if typing.get_origin(hint) is Literal:
+        return Factor(target, str, typing.get_args(hint))
+    return Factor(target, hint)
+
+
+def _factors() -> dict[str, Factor]:
+    """One factor per config field that a study may vary, typed by the field itself: every
+    conv block field but `filters`, the model's scalar fields, `width` (multiplies every
+    block's filters) and the training `seed`."""
+    block = typing.get_type_hints(ConvBlock)
+    model = typing.get_type_hints(ModelConfig)
+    factors = {name: _factor("block", hint) for name, hint in block.items() if name != "filters"}
+    factors["width"] = Factor("model", float)
+    factors |= {name: _factor("model", hint) for name, hint in model.items()
+                if name not in ("blocks", "dense_units")}
+    factors["seed"] = Factor("train", int)
+    return factors
+
+
+FACTORS: dict[str, Factor] = _factors()
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 KEYS = ("description", "factors", "repeats", "sampler", "pruner", "n_trials", "objective",

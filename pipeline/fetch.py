@@ -19,6 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,10 @@ import pandas as pd
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_dir
 from pipeline.kaggle_client import has_kaggle_credentials, kaggle_api
-from pipeline.params import DataParams, Paths, load_section
+from pipeline.params import DataParams, Paths
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ def fetch(data: DataParams, paths: Paths, env: Mapping[str, str] = os.environ) -
     """Fetch the competition's raw files; returns the folder they are in."""
     source, reason = choose_source(data, env)
     log.info("fetch: source %s (%s)", source, reason)
-    dest = Path(paths.raw) / data.competition
+    dest = paths.raw_data(data.competition)
     with atomic_dir(dest) as tmp:
         if source == "embedded":
             write_embedded(tmp)
@@ -134,8 +138,6 @@ def fetch(data: DataParams, paths: Paths, env: Mapping[str, str] = os.environ) -
     return dest
 
 
-def main(params_path: str = "params.yaml") -> None:
-    data = load_section("data", params_path)
-    paths = load_section("paths", params_path)
-    dest = fetch(data, paths)
+def main(config: Config) -> None:
+    dest = fetch(config.data, config.paths)
     log.info("fetch: wrote %s", ", ".join(sorted(p.name for p in dest.iterdir())))

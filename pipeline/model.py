@@ -11,29 +11,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.params import from_dict
 
-PADDINGS = ("valid", "same")
-POOLINGS = ("none", "max", "avg")
-REGULARIZATIONS = ("none", "dropout", "batchnorm", "both")
-ACTIVATIONS = ("relu", "elu", "gelu", "swish", "tanh")
+# The allowed values of each categorical field, written once: validation, experiment
+# levels and the docs all read them from these types.
+Padding = Literal["valid", "same"]
+Activation = Literal["relu", "elu", "gelu", "swish", "tanh"]
+Pooling = Literal["none", "max", "avg"]
+Regularization = Literal["none", "dropout", "batchnorm", "both"]
+PADDINGS = typing.get_args(Padding)
+POOLINGS = typing.get_args(Pooling)
+REGULARIZATIONS = typing.get_args(Regularization)
 
 
 @dataclass(frozen=True)
 class ConvBlock:
     filters: int = 32
     kernel_size: int = 3
-    padding: Literal["valid", "same"] = "same"
+    padding: Padding = "same"
     strides: int = 1
     dilation_rate: int = 1
-    activation: Literal["relu", "elu", "gelu", "swish", "tanh"] = "relu"
-    pooling: Literal["none", "max", "avg"] = "max"
+    activation: Activation = "relu"
+    pooling: Pooling = "max"
     pool_size: int = 2
-    regularization: Literal["none", "dropout", "batchnorm", "both"] = "none"
+    regularization: Regularization = "none"
     dropout_rate: float = 0.25
 
     def __post_init__(self) -> None:
@@ -191,12 +199,15 @@ def count_macs(layers: list[LayerShape]) -> int:
     return sum(layer.macs for layer in layers)
 
 
-def build_model(config: ModelConfig, input_shape: tuple[int, int, int], n_classes: int):
-    """The compiled Keras model for `config` (shapes checked first)."""
+def build_model(config: ModelConfig, input_shape: tuple[int, int, int], n_classes: int,
+                checked: list[LayerShape] | None = None):
+    """The compiled Keras model for `config`; shapes are checked first unless the caller
+    passes what `check_shapes` already returned as `checked`."""
     import keras
     from keras import layers
 
-    check_shapes(config, input_shape, n_classes)
+    if checked is None:
+        check_shapes(config, input_shape, n_classes)
     inputs = keras.Input(shape=input_shape, name="image")
     x = inputs
     for i, block in enumerate(config.blocks):
@@ -227,3 +238,9 @@ def build_model(config: ModelConfig, input_shape: tuple[int, int, int], n_classe
         metrics=["accuracy"],
     )
     return model
+
+
+def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class index per image, predicted in batches."""
+    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    return np.asarray(probabilities).argmax(axis=1)

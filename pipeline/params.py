@@ -1,8 +1,9 @@
-"""`params.yaml` as typed, validated sections, read once at the edge of each stage.
+"""The sections of `params.yaml` as typed, validated dataclasses, and where files live.
 
-Every section is a frozen dataclass. `load_section("prepare")` checks the keys and value
-types of that one section and fails with a `UserError` naming the file, the key, and the
-allowed values. Deep code receives these objects, never the raw dict.
+Every section is a frozen dataclass; `from_dict` checks one section's keys and value types
+and fails with a `UserError` naming the file, the key and the allowed values. `Paths` is
+the one place that knows where each stage's outputs go. `pipeline.config` assembles the
+sections into one `Config`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from pipeline.errors import UserError
-
-PARAMS_FILE = "params.yaml"
 
 
 @dataclass(frozen=True)
 class Paths:
+    """The folders in `params.yaml`, and every file name under them (`dvc.yaml` uses the
+    same folders through `${paths.*}`, and the same names: keep the two in step)."""
+
     raw: str = "data/raw"
     prepared: str = "data/prepared"
     models: str = "models"
@@ -30,6 +30,62 @@ class Paths:
     reports: str = "reports"
     submissions: str = "submissions"
     experiments: str = "experiments"
+
+    def raw_data(self, competition: str) -> Path:
+        return Path(self.raw) / competition
+
+    def experiment_file(self, name: str) -> Path:
+        return Path(self.experiments) / f"{name}.yaml"
+
+    @property
+    def data_metrics(self) -> Path:
+        return Path(self.metrics) / "data.json"
+
+    @property
+    def train_model(self) -> Path:
+        return Path(self.models) / "train" / "best.keras"
+
+    @property
+    def train_metrics(self) -> Path:
+        return Path(self.metrics) / "train.json"
+
+    @property
+    def sweep_models(self) -> Path:
+        return Path(self.models) / "sweeps"
+
+    @property
+    def sweep_metrics_dir(self) -> Path:
+        return Path(self.metrics) / "sweeps"
+
+    def sweep_model(self, experiment: str) -> Path:
+        return self.sweep_models / experiment / "best.keras"
+
+    def sweep_metrics(self, experiment: str) -> Path:
+        return self.sweep_metrics_dir / f"{experiment}.json"
+
+    @property
+    def report_markdown(self) -> Path:
+        return Path(self.reports) / "ablation.md"
+
+    @property
+    def report_json(self) -> Path:
+        return Path(self.reports) / "ablation.json"
+
+    @property
+    def report_plots(self) -> Path:
+        return Path(self.reports) / "plots"
+
+    def report_plot(self, experiment: str, kind: str) -> Path:
+        """`kind`: levels, curves or pareto."""
+        return self.report_plots / f"{experiment}_{kind}.png"
+
+    @property
+    def submission_csv(self) -> Path:
+        return Path(self.submissions) / "submission.csv"
+
+    @property
+    def submission_json(self) -> Path:
+        return Path(self.submissions) / "submission.json"
 
 
 @dataclass(frozen=True)
@@ -123,46 +179,6 @@ class ReportParams:
 class SubmitParams:
     experiment: str | None = None
     batch_size: int = 512
-
-
-SECTIONS: dict[str, type] = {
-    "paths": Paths,
-    "data": DataParams,
-    "prepare": PrepareParams,
-    "train": TrainParams,
-    "tracking": TrackingParams,
-    "sweep": SweepParams,
-    "report": ReportParams,
-    "submit": SubmitParams,
-}
-# `model` is validated by pipeline.model.ModelConfig.from_dict.
-OTHER_SECTIONS = {"model"}
-
-
-def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    """The raw mapping in `path`, with a clear error when it is missing or not YAML."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found; run from the repository root") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of sections at the top level")
-    unknown = set(data) - set(SECTIONS) - OTHER_SECTIONS
-    if unknown:
-        allowed = ", ".join(sorted(set(SECTIONS) | OTHER_SECTIONS))
-        raise UserError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: {allowed}")
-    return data
-
-
-def load_section(name: str, path: str | Path = PARAMS_FILE, raw: dict | None = None):
-    """The typed section `name` of `params.yaml` (defaults for missing keys)."""
-    raw = read_params(path) if raw is None else raw
-    return from_dict(SECTIONS[name], raw.get(name) or {}, f"{path}: {name}")
 
 
 def from_dict(cls: type, data: Any, where: str):

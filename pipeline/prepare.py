@@ -20,13 +20,17 @@ import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_dir, write_json
-from pipeline.params import Paths, PrepareParams, load_section
+from pipeline.params import PrepareParams
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -352,13 +356,11 @@ def load_prepared(folder: str | Path) -> Dataset:
         return Dataset(tr["x"], tr["y"], va["x"], va["y"], te["x"], te["ids"], meta)
 
 
-def main(params_path: str = "params.yaml") -> None:
-    paths: Paths = load_section("paths", params_path)
-    params: PrepareParams = load_section("prepare", params_path)
-    competition = load_section("data", params_path).competition
-    dataset, metrics = prepare(Path(paths.raw) / competition, competition, params)
+def main(config: Config) -> None:
+    paths, competition = config.paths, config.data.competition
+    dataset, metrics = prepare(paths.raw_data(competition), competition, config.prepare)
     save_prepared(dataset, Path(paths.prepared))
-    write_json(Path(paths.metrics) / "data.json", metrics)
+    write_json(paths.data_metrics, metrics)
     rows = metrics["rows"]
     log.info(
         "prepare: %d train, %d validation, %d test images of %s, %d classes",

@@ -7,7 +7,8 @@ it is a real effect (the interval excludes zero and the effect is larger than th
 seed-to-seed noise of the base level). The regularisation study answers whether dropout
 and batch normalisation work well together. For the joint study: Optuna's parameter
 importances and the Pareto front of accuracy against parameter count. Writes
-`reports/ablation.md`, `reports/ablation.json` and PNGs, and logs them to MLflow.
+`reports/ablation.md`, `reports/ablation.json` and `reports/plots/*.png`, and logs them
+to MLflow.
 
 Run: `ablate report` (or `dvc repro report`).
 """
@@ -19,28 +20,20 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipeline import plots
 from pipeline.errors import UserError
+from pipeline.experiments import Experiment, load_experiment
 from pipeline.fsutil import atomic_path, write_json
+from pipeline.studies import Study, TrialRecord
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """One trial as the report needs it (plain values, no Optuna objects)."""
-
-    number: int
-    state: str  # COMPLETE, PRUNED or FAIL
-    params: dict[str, Any]
-    value: float | None
-    n_params: int | None = None
-    macs: int | None = None
-    history: dict[str, list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -144,39 +137,6 @@ def regularization_answer(stats: list[LevelStats]) -> str:
     )
 
 
-# -- reading studies ---------------------------------------------------------------------------
-def load_trials(storage_url: str, study_name: str, heartbeat_seconds: int = 10):
-    """(records, study) of one study from the Optuna storage."""
-    import optuna
-
-    from pipeline.sweep import make_storage, slots
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=study_name,
-                                  storage=make_storage(storage_url, heartbeat_seconds))
-    except KeyError:
-        raise UserError(f"study {study_name} not in the Optuna storage; run the sweep "
-                        "again (`dvc repro`)") from None
-    records = [
-        TrialRecord(t.number, t.state.name, dict(t.params), t.value,
-                    t.user_attrs.get("n_params"), t.user_attrs.get("macs"),
-                    t.user_attrs.get("history"))
-        for t in slots(study) if t.state.is_finished()
-    ]
-    return records, study
-
-
-def importances(study) -> dict[str, float]:
-    import optuna
-
-    try:
-        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
-    except (RuntimeError, ValueError) as exc:  # too few trials, or no variation
-        log.warning("report: no parameter importances for %s (%s)", study.study_name, exc)
-        return {}
-
-
 # -- writing -------------------------------------------------------------------------------------
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -209,6 +169,7 @@ def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) ->
 
 def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRecord],
                   out: Path, settings) -> tuple[list[str], dict[str, Any]]:
+    """One single-factor study's section; its plots go into the folder `out`."""
     stats = level_effects(records, factor, base_level, settings.bootstrap,
                           settings.confidence, settings.seed)
     groups = {s.level: [t.value for t in records if str(t.params.get(factor)) == s.level
@@ -223,7 +184,7 @@ def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRe
     if any(groups.values()):
         plots.strip_plot({k: v for k, v in groups.items() if v}, out / f"{name}_levels.png",
                          f"{name}: val_accuracy per level")
-        lines.append(f"![{name} levels]({name}_levels.png)")
+        lines.append(f"![{name} levels]({out.name}/{name}_levels.png)")
     best_histories = {}
     for s in stats:
         done = [t for t in records if str(t.params.get(factor)) == s.level
@@ -233,7 +194,7 @@ def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRe
     if best_histories:
         plots.curves_by_level(best_histories, out / f"{name}_curves.png",
                               f"{name}: learning curves of each level's best trial")
-        lines.append(f"![{name} learning curves]({name}_curves.png)")
+        lines.append(f"![{name} learning curves]({out.name}/{name}_curves.png)")
     lines.append("")
     summary = {"factor": factor, "base_level": str(base_level),
                "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"}
@@ -245,10 +206,11 @@ def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRe
     return lines, summary
 
 
-def report_joint(name: str, records: list[TrialRecord], study,
+def report_joint(name: str, records: list[TrialRecord], study: Study,
                  out: Path) -> tuple[list[str], dict[str, Any]]:
+    """The joint study's section: best trial, importances, Pareto front (plot into `out`)."""
     done = [t for t in records if t.state == "COMPLETE"]
-    weights = importances(study) if len(done) > 1 else {}
+    weights = study.importances() if len(done) > 1 else {}
     points = [(float(t.n_params), float(t.value)) for t in done if t.n_params]
     front = pareto_front(points)
     lines = [f"## {name}: all factors at once", "",
@@ -270,20 +232,26 @@ def report_joint(name: str, records: list[TrialRecord], study,
         lines += ["Pareto front (fewest parameters for the accuracy):", "",
                   "| parameters | val_accuracy |", "|---|---|"]
         lines += [f"| {int(p):,} | {a:.4f} |" for p, a in front]
-        lines += ["", f"![{name} Pareto front]({name}_pareto.png)", ""]
+        lines += ["", f"![{name} Pareto front]({out.name}/{name}_pareto.png)", ""]
     summary = {"importances": weights,
                "pareto": [{"n_params": int(p), "val_accuracy": a} for p, a in front]}
     return lines, summary
 
 
-def build_report(studies: dict[str, dict[str, Any]], storage_url: str, out: Path,
-                 settings, heartbeat_seconds: int = 10) -> tuple[str, dict[str, Any]]:
-    """Markdown and JSON for every study in `studies` (name -> sweep metrics)."""
+def build_report(studies: dict[str, tuple[Experiment, dict[str, Any]]], storage_url: str,
+                 out: Path, settings, heartbeat_seconds: int = 10) -> tuple[str, dict[str, Any]]:
+    """Markdown and JSON for every study in `studies` (name -> (experiment, sweep
+    metrics)); the plots go into the folder `out`, linked relative to its parent."""
+    out.mkdir(parents=True, exist_ok=True)
     lines = ["# Which Conv2D design choices matter", ""]
     results: dict[str, Any] = {}
-    for name, metrics in studies.items():
-        experiment = metrics["_experiment"]
-        records, study = load_trials(storage_url, metrics["study"], heartbeat_seconds)
+    for name, (experiment, metrics) in studies.items():
+        try:
+            study = Study.open(storage_url, metrics["study"], heartbeat_seconds)
+        except KeyError:
+            raise UserError(f"study {metrics['study']} not in the Optuna storage; run the "
+                            "sweep again (`dvc repro`)") from None
+        records = study.records(finished_only=True)
         if experiment.is_grid and len(experiment.factors) == 1:
             factor = next(iter(experiment.factors))
             base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
@@ -296,48 +264,35 @@ def build_report(studies: dict[str, dict[str, Any]], storage_url: str, out: Path
     return "\n".join(lines) + "\n", results
 
 
-def main(params_path: str = "params.yaml") -> None:
-    from pipeline.experiments import load_experiment
-    from pipeline.model import ModelConfig
-    from pipeline.params import load_section, read_params
-
-    raw = read_params(params_path)
-    paths = load_section("paths", params_path, raw)
-    settings = load_section("report", params_path, raw)
-    sweep = load_section("sweep", params_path, raw)
-    base = ModelConfig.from_dict(raw.get("model") or {}, f"{params_path}: model")
+def main(config: Config) -> None:
+    paths = config.paths
     studies = {}
-    for file in sorted(Path(paths.experiments).glob("*.yaml")):
-        metrics_file = Path(paths.metrics) / f"{file.stem}.json"
+    for name in config.experiments:
+        metrics_file = paths.sweep_metrics(name)
         if not metrics_file.is_file():
             log.warning("report: no %s; run `dvc repro sweep@%s` to include it",
-                        metrics_file, file.stem)
+                        metrics_file, name)
             continue
-        metrics = json.loads(metrics_file.read_text())
-        metrics["_experiment"] = load_experiment(paths.experiments, file.stem, None, base)
-        studies[file.stem] = metrics
+        experiment = load_experiment(paths.experiments, name, None, config.model)
+        studies[name] = (experiment, json.loads(metrics_file.read_text()))
     if not studies:
-        raise UserError(f"no sweep results in {paths.metrics}/; run the sweeps first "
-                        "(`dvc repro`)")
-    out = Path(paths.reports)
-    out.mkdir(parents=True, exist_ok=True)
-    markdown, results = build_report(studies, sweep.storage, out, settings,
-                                     sweep.heartbeat_seconds)
-    with atomic_path(out / "ablation.md") as tmp:
+        raise UserError(f"no sweep results in {paths.sweep_metrics_dir}/; run the sweeps "
+                        "first (`dvc repro`)")
+    markdown, results = build_report(studies, config.sweep.storage, paths.report_plots,
+                                     config.report, config.sweep.heartbeat_seconds)
+    with atomic_path(paths.report_markdown) as tmp:
         tmp.write_text(markdown)
-    write_json(out / "ablation.json", results)
-    _log_to_mlflow(params_path, raw, out, studies)
-    log.info("report: wrote %s (%d studies)", out / "ablation.md", len(studies))
+    write_json(paths.report_json, results)
+    _log_to_mlflow(config, studies)
+    log.info("report: wrote %s (%d studies)", paths.report_markdown, len(studies))
 
 
-def _log_to_mlflow(params_path: str, raw: dict, out: Path, studies: dict) -> None:
-    from pipeline.params import load_section
+def _log_to_mlflow(config: Config, studies: dict) -> None:
     from pipeline.tracking import Tracker
 
-    tracking = load_section("tracking", params_path, raw)
-    tracker = Tracker.connect(tracking.uri, tracking.experiment)
+    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
     run_id = tracker.start_run("report", tags={
-        f"study.{name}": metrics.get("parent_run_id", "") for name, metrics in studies.items()
+        f"study.{name}": metrics.get("parent_run_id", "") for name, (_, metrics) in studies.items()
     })
-    tracker.log_artifacts(run_id, out)
+    tracker.log_artifacts(run_id, Path(config.paths.reports))
     tracker.end_run(run_id)

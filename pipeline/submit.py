@@ -14,24 +14,31 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
+from pipeline.model import predict_labels
+from pipeline.params import Paths
 from pipeline.prepare import Dataset, load_prepared, read_csv
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 log = logging.getLogger(__name__)
 
 
-def choose_study(metrics_dir: Path, experiments: list[str], wanted: str | None) -> dict:
+def choose_study(paths: Paths, experiments: Sequence[str], wanted: str | None) -> dict:
     """The sweep metrics of `wanted`, or of the study with the best `best_value`."""
     found = {}
+    metrics_dir = paths.sweep_metrics_dir
     for name in experiments:
-        path = metrics_dir / f"{name}.json"
+        path = paths.sweep_metrics(name)
         if path.is_file():
             found[name] = json.loads(path.read_text())
     if wanted is not None:
@@ -93,8 +100,6 @@ def validate(submission: pd.DataFrame, sample: pd.DataFrame, n_classes: int) -> 
 
 def predict(model, data: Dataset, batch_size: int) -> np.ndarray:
     """Class labels for the test set; refuses a model with the wrong number of classes."""
-    from pipeline.train import predict_labels
-
     n_out = int(model.output_shape[-1])
     if n_out != data.meta.n_classes:
         raise UserError(f"the model predicts {n_out} classes but the competition has "
@@ -124,32 +129,24 @@ def upload_submission(csv: Path, competition: str, message: str) -> str:
     return f"{getattr(response, 'message', '') or 'submitted'} (ref {ref})".strip()
 
 
-def main(params_path: str = "params.yaml", upload: bool = False,
-         message: str | None = None) -> dict[str, Any]:
+def main(config: Config, upload: bool = False, message: str | None = None) -> dict[str, Any]:
     import keras
 
-    from pipeline.params import load_section, read_params
     from pipeline.tracking import Tracker
 
-    raw = read_params(params_path)
-    paths = load_section("paths", params_path, raw)
-    settings = load_section("submit", params_path, raw)
-    competition = load_section("data", params_path, raw).competition
-    tracking = load_section("tracking", params_path, raw)
+    paths, competition = config.paths, config.data.competition
     if upload and not message:
         raise UserError("--upload needs a description: ablate submit --upload -m \"message\"")
-    experiments = sorted(p.stem for p in Path(paths.experiments).glob("*.yaml"))
-    chosen = choose_study(Path(paths.metrics), experiments, settings.experiment)
-    model_path = Path(paths.models) / chosen["experiment"] / "best.keras"
+    chosen = choose_study(paths, config.experiments, config.submit.experiment)
+    model_path = paths.sweep_model(chosen["experiment"])
     if not model_path.is_file():
         raise UserError(f"{model_path}: no model; run `dvc repro sweep@{chosen['experiment']}`")
     data = load_prepared(paths.prepared)
-    sample = read_csv(Path(paths.raw) / competition / "sample_submission.csv")
+    sample = read_csv(paths.raw_data(competition) / "sample_submission.csv")
     model = keras.models.load_model(model_path)
-    submission = make_submission(predict(model, data, settings.batch_size), data, sample)
+    submission = make_submission(predict(model, data, config.submit.batch_size), data, sample)
 
-    out = Path(paths.submissions)
-    csv = out / "submission.csv"
+    csv = paths.submission_csv
     write_submission(submission, csv)
     sidecar = {
         "experiment": chosen["experiment"],
@@ -162,9 +159,9 @@ def main(params_path: str = "params.yaml", upload: bool = False,
         "data_hash": data.meta.data_hash,
         "rows": len(submission),
     }
-    write_json(out / "submission.json", sidecar)
+    write_json(paths.submission_json, sidecar)
     if chosen.get("parent_run_id"):
-        tracker = Tracker.connect(tracking.uri, tracking.experiment)
+        tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
         tracker.log_artifact(chosen["parent_run_id"], csv, "submission")
     log.info("submit: wrote %s (%d rows) from %s, val_accuracy %.4f", csv, len(submission),
              chosen["experiment"], chosen.get("best_value") or float("nan"))

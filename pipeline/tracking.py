@@ -1,4 +1,5 @@
-"""MLflow at the edge: the only module that creates runs and logs to them.
+"""MLflow at the edge: the only module that imports it, for runs, metrics, artifacts and
+the model registry. It knows nothing of training or Optuna; callers hand it plain values.
 
 `Tracker.connect` fails fast when the tracking URI cannot be reached (before any
 training). Runs are created through `MlflowClient` with explicit run ids, so one process
@@ -12,9 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from urllib.parse import urlparse
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +36,11 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def provenance(competition: str, data_hash: str) -> dict[str, str]:
+    """The tags that say what a run was trained on, and with which code."""
+    return {"competition": competition, "data_hash": data_hash, "git_commit": git_commit()}
 
 
 def check_reachable(uri: str) -> None:
@@ -118,6 +121,10 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
 
+    def reopen(self, run_id: str) -> None:
+        """Mark a run RUNNING again (a resumed sweep's parent run)."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         self.client.log_batch(run_id, metrics=_flush(metrics, step))
 
@@ -174,82 +181,12 @@ class Tracker:
             self.client.set_registered_model_alias(registered_name, alias, latest.version)
         return info.model_uri
 
-    # -- the `train` stage: one fully-recorded run -----------------------------------------
-    def train_run(self, config, params, data, checkpoint: Path):
-        """Train `config` once with every param, metric and artifact recorded."""
-        from pipeline.model import flatten_config
-        from pipeline.train import train
-
-        run_id = self.start_run(
-            "train-base",
-            params={**flatten_config(config), **{f"train.{k}": v for k, v in vars(params).items()}},
-            tags=run_tags(data),
-        )
-        try:
-            result = train(config, params, data, callbacks=[self.epoch_logger(run_id)])
-            checkpoint.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                write_run_artifacts(result, data, Path(tmp))
-                result.model.save(Path(tmp) / "best.keras")
-                self.log_artifacts(run_id, Path(tmp))
-                # Copy, not rename: the temp folder may be on another filesystem (tmpfs).
-                with atomic_path(checkpoint) as out:
-                    shutil.copyfile(Path(tmp, "best.keras"), out)
-            self.log_metrics(run_id, {f"best_{k}": v for k, v in result.metrics.items()})
-        except BaseException:
-            self.end_run(run_id, "FAILED")
-            raise
-        self.end_run(run_id)
-        return result
-
 
 _EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy"}
 
 
 @contextlib.contextmanager
 def _quiet():
-    with contextlib.redirect_stdout(io.StringIO()):
+    """MLflow prints registry chatter ("Successfully registered model ...") itself."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
-
-
-def run_tags(data) -> dict[str, str]:
-    return {
-        "competition": data.meta.competition,
-        "data_hash": data.meta.data_hash,
-        "git_commit": git_commit(),
-    }
-
-
-def model_summary(model) -> str:
-    lines: list[str] = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
-    return "\n".join(lines) + "\n"
-
-
-def write_run_artifacts(result, data, folder: Path) -> list[Path]:
-    """Summary, learning curves, confusion matrix, first-layer kernels and feature maps."""
-    from sklearn.metrics import confusion_matrix
-
-    from pipeline import plots
-    from pipeline.train import predict_labels
-
-    model = result.model
-    (folder / "model_summary.txt").write_text(model_summary(model))
-    written = [folder / "model_summary.txt"]
-    written.append(plots.learning_curves(result.history, folder / "learning_curves.png"))
-    predicted = predict_labels(model, data.x_val)
-    matrix = confusion_matrix(data.y_val, predicted, labels=range(data.meta.n_classes))
-    written.append(plots.confusion_matrix(matrix, folder / "confusion_matrix.png"))
-    conv = next((layer for layer in model.layers if layer.name == "conv0"), None)
-    if conv is not None:
-        kernels = np.asarray(conv.get_weights()[0])  # (k, k, in, filters)
-        written.append(plots.image_grid(np.moveaxis(kernels[:, :, 0, :], -1, 0),
-                                        folder / "conv0_kernels.png", "conv0 kernels"))
-        import keras
-
-        probe = keras.Model(model.inputs, model.get_layer("act0").output)
-        maps = np.asarray(probe.predict(data.x_val[:1], verbose=0))[0]
-        title = f"conv0 feature maps (validation image, label {data.y_val[0]})"
-        written.append(plots.image_grid(np.moveaxis(maps, -1, 0),
-                                        folder / "conv0_feature_maps.png", title))
-    return written

@@ -2,8 +2,9 @@
 
 `train(config, params, data, callbacks)` seeds everything, feeds `tf.data` pipelines,
 stops early on `val_loss` and keeps the best epoch's weights, and returns metrics. The
-sweep objective, `ablate train`, the benchmarks and the tests all call it. It knows
-nothing about MLflow or Optuna: those come in as Keras callbacks.
+sweep's trials, `ablate train`, the benchmarks and the tests all call it. It knows
+nothing about MLflow or Optuna: those come in as Keras callbacks. The stage itself
+(`main`, `train_tracked`) records one run with every param, metric and diagnostic.
 
 Run: `ablate train` (or `dvc repro train`).
 """
@@ -12,21 +13,34 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.model import ModelConfig, build_model, check_shapes, count_macs, count_params
+from pipeline.model import (
+    LayerShape,
+    ModelConfig,
+    build_model,
+    check_shapes,
+    count_macs,
+    count_params,
+    flatten_config,
+)
 from pipeline.params import TrainParams
 from pipeline.prepare import Dataset
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy")
-OBJECTIVES = ("val_accuracy", "val_loss")
 
 
 @dataclass
@@ -69,18 +83,21 @@ def make_datasets(data: Dataset, batch_size: int, seed: int):
 
 
 def train(config: ModelConfig, params: TrainParams, data: Dataset,
-          callbacks: list | tuple = ()) -> TrainResult:
-    """Train `config` on `data`; the returned model holds the best epoch by `val_loss`."""
+          callbacks: list | tuple = (), layers: list[LayerShape] | None = None) -> TrainResult:
+    """Train `config` on `data`; the returned model holds the best epoch by `val_loss`.
+
+    `layers` is `check_shapes`'s answer when the caller already has it."""
     import keras
     import tensorflow as tf
 
-    layers = check_shapes(config, data.meta.image_shape, data.meta.n_classes)
+    if layers is None:
+        layers = check_shapes(config, data.meta.image_shape, data.meta.n_classes)
     keras.backend.clear_session()
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     configure_device()
-    model = build_model(config, data.meta.image_shape, data.meta.n_classes)
+    model = build_model(config, data.meta.image_shape, data.meta.n_classes, checked=layers)
     train_ds, val_ds = make_datasets(data, params.batch_size, params.seed)
     stopper = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=params.patience, restore_best_weights=True
@@ -137,34 +154,51 @@ def _forget_traced_gradients():
                 del registry[name]
 
 
-def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Class index per image, predicted in batches."""
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(probabilities).argmax(axis=1)
+def train_tracked(tracker: Tracker, config: ModelConfig, params: TrainParams, data: Dataset,
+                  checkpoint: Path) -> TrainResult:
+    """Train `config` once as an MLflow run holding every config field and training
+    setting, per-epoch metrics, the diagnostics and the checkpoint (also written to
+    `checkpoint`)."""
+    from pipeline.diagnostics import write_diagnostics
+    from pipeline.fsutil import atomic_path
+    from pipeline.tracking import provenance
 
-
-def main(params_path: str = "params.yaml") -> None:
-    from pipeline import tracking
-    from pipeline.fsutil import write_json
-    from pipeline.params import load_section, read_params
-    from pipeline.prepare import load_prepared
-
-    raw = read_params(params_path)
-    paths = load_section("paths", params_path, raw)
-    params: TrainParams = load_section("train", params_path, raw)
-    tracking_params = load_section("tracking", params_path, raw)
-    config = ModelConfig.from_dict(raw.get("model") or {}, f"{params_path}: model")
-    data = load_prepared(paths.prepared)
-    check_shapes(config, data.meta.image_shape, data.meta.n_classes)
-    tracker = tracking.Tracker.connect(tracking_params.uri, tracking_params.experiment)
-    out_dir = Path(paths.models) / "train"
-    result = tracker.train_run(config, params, data, out_dir / "best.keras")
-    write_json(Path(paths.metrics) / "train.json", {
-        k: result.metrics[k] for k in ("val_accuracy", "val_loss", "epochs_run", "best_epoch",
-                                       "n_params", "macs")
-    })
-    log.info(
-        "train: val_accuracy %.4f (epoch %d of %d), %d parameters",
-        result.metrics["val_accuracy"], result.metrics["best_epoch"],
-        result.metrics["epochs_run"], result.metrics["n_params"],
+    run_id = tracker.start_run(
+        "train-base",
+        params={**flatten_config(config), **{f"train.{k}": v for k, v in vars(params).items()}},
+        tags=provenance(data.meta.competition, data.meta.data_hash),
     )
+    try:
+        layers = check_shapes(config, data.meta.image_shape, data.meta.n_classes)
+        result = train(config, params, data, [tracker.epoch_logger(run_id)], layers)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_diagnostics(result.model, result.history, data, Path(tmp))
+            result.model.save(Path(tmp) / "best.keras")
+            tracker.log_artifacts(run_id, Path(tmp))
+            # Copy, not rename: the temp folder may be on another filesystem (tmpfs).
+            with atomic_path(checkpoint) as out:
+                shutil.copyfile(Path(tmp, "best.keras"), out)
+        tracker.log_metrics(run_id, {f"best_{k}": v for k, v in result.metrics.items()})
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.end_run(run_id)
+    return result
+
+
+def main(config: Config) -> dict[str, Any]:
+    from pipeline.fsutil import write_json
+    from pipeline.prepare import load_prepared
+    from pipeline.tracking import Tracker
+
+    data = load_prepared(config.paths.prepared)
+    check_shapes(config.model, data.meta.image_shape, data.meta.n_classes)
+    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
+    result = train_tracked(tracker, config.model, config.train, data, config.paths.train_model)
+    metrics = {k: result.metrics[k] for k in ("val_accuracy", "val_loss", "epochs_run",
+                                              "best_epoch", "n_params", "macs")}
+    write_json(config.paths.train_metrics, metrics)
+    log.info("train: val_accuracy %.4f (epoch %d of %d), %d parameters",
+             metrics["val_accuracy"], metrics["best_epoch"], metrics["epochs_run"],
+             metrics["n_params"])
+    return metrics

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny real competitions, params files, a throwaway DVC repository,
-the prepared 8x8 digits (`digits`) and a live MLflow server (`mlflow_server`).
+the prepared 8x8 digits (`digits`, and on disk `prepared_digits`) and a live MLflow server
+(`mlflow_server`). Plain helpers (projects, services, processes) are in `support.py`.
 
 Fixtures build real inputs and shrink them (a few 4x4 images) instead of mocking. The
 factories (`make_competition`, `write_params`, `run_cmd`) return plain functions so that a
@@ -8,16 +9,8 @@ test states only what differs from a good default.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from support import REPO_ROOT, running_mlflow_server, subprocess_env, write_params_file
 
 # What `dvc repro` needs from the repository; everything else stays behind.
 REPO_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".dvc/config",
@@ -131,40 +122,10 @@ def embedded_raw(tmp_path: Path) -> Path:
     return dest
 
 
-def _merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def write_params_file(path: Path, **sections: dict) -> Path:
-    """Write a params file at `path`: the repository's `params.yaml` with `sections` merged
-    in (nested keys override one by one). Returns `path`."""
-    base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text()) or {}
-    path.write_text(yaml.safe_dump(_merge(base, sections), sort_keys=False))
-    return path
-
-
 @pytest.fixture
 def write_params() -> Callable[..., Path]:
     """`write_params(path, data={"source": "embedded"}, ...)`: see `write_params_file`."""
     return write_params_file
-
-
-def _venv_env(cwd: Path) -> dict[str, str]:
-    """The environment for a subprocess: this interpreter's scripts (`ablate`, `dvc`) first
-    on PATH, and the `pipeline` package imported from `cwd` when it has one."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    if (cwd / "pipeline").is_dir():
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    return env
 
 
 @pytest.fixture
@@ -174,7 +135,7 @@ def run_cmd() -> Callable[..., subprocess.CompletedProcess]:
 
     def run(args: Sequence[str], cwd: Path, timeout: float = 300, **kwargs):
         return subprocess.run(
-            list(args), cwd=cwd, env=_venv_env(Path(cwd)), capture_output=True, text=True,
+            list(args), cwd=cwd, env=subprocess_env(Path(cwd)), capture_output=True, text=True,
             timeout=timeout, check=False, **kwargs,
         )
 
@@ -204,77 +165,12 @@ def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(scope="session")
-def digits():
+def digits(prepared_digits: Path):
     """The offline 8x8 digits (`data.source: embedded`) through the real `prepare`:
     1150 train and 288 validation images, 10 classes. Shared; do not modify the arrays."""
-    from pipeline.fetch import write_embedded
-    from pipeline.params import PrepareParams
-    from pipeline.prepare import prepare
+    from pipeline.prepare import load_prepared
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_embedded(Path(tmp))
-        dataset, _ = prepare(Path(tmp), "digit-recognizer", PrepareParams())
-    return dataset
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n"
-                        f"{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"mlflow server at {url} not healthy after {timeout:.0f}s:\n"
-                f"{log.read_text()[-3000:]}")
-
-
-def _stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (uvicorn and its job runner), then SIGKILL."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        if process.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(wait)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # children left behind by the parent
-
-
-@contextlib.contextmanager
-def running_mlflow_server(root: Path, backend_store_uri: str, env: dict | None = None):
-    """Start `mlflow server` on a free 127.0.0.1 port with `backend_store_uri` and artifacts
-    proxied through it into `root/artifacts`; yield its URL; stop its process group."""
-    url = f"http://127.0.0.1:{_free_port()}"
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-        "--port", url.rsplit(":", 1)[1], "--workers", "1",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-    ]
-    # No background job runners (huey consumers): nothing here uses them, CPUs are few.
-    env = {**(env or _venv_env(root)), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = root / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_health(url, process, log, timeout=120)
-        yield url
-    finally:
-        _stop_process_group(process)
+    return load_prepared(prepared_digits)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +181,19 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow-server")
     with running_mlflow_server(root, f"sqlite:///{root / 'mlflow.db'}") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def prepared_digits(tmp_path_factory) -> Path:
+    """The embedded digits, fetched and prepared once into a folder that tests only read."""
+    from pipeline.fetch import write_embedded
+    from pipeline.params import PrepareParams
+    from pipeline.prepare import prepare, save_prepared
+
+    root = tmp_path_factory.mktemp("digits")
+    raw = root / "raw" / "digit-recognizer"
+    raw.mkdir(parents=True)
+    write_embedded(raw)
+    data, _ = prepare(raw, "digit-recognizer", PrepareParams())
+    save_prepared(data, root / "prepared")
+    return root / "prepared"

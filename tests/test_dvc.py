@@ -40,3 +40,17 @@ def test_dvc_repro_prepare_runs_once_then_is_up_to_date(repo_copy, run_cmd, writ
     again = _dvc(run_cmd, repo_copy, "repro", "prepare")
     assert "Running stage" not in again
     assert "didn't change, skipping" in again
+
+
+def test_a_new_study_is_one_file_and_one_list_entry(repo_copy, run_cmd, write_params):
+    (repo_copy / "experiments" / "kernel.yaml").write_text(
+        "# Run: dvc repro sweep@kernel\nfactors:\n  kernel_size: [3, 5]\n")
+    write_params(repo_copy / "params.yaml",
+                 experiments=["padding", "strides", "dilation", "pooling", "regularization",
+                              "joint", "kernel"])
+
+    stages = _dvc(run_cmd, repo_copy, "stage", "list")
+    assert "sweep@kernel" in stages
+    # the report and the submission read every study's results: they wait for the new one
+    for stage in ("report", "submit"):
+        assert '"sweep@kernel" -> "%s"' % stage in _dvc(run_cmd, repo_copy, "dag", "--dot", stage)

@@ -36,16 +36,16 @@ def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
     first = _dvc(run_cmd, repo_copy, "repro", "sweep@padding")
     for stage in ("fetch", "prepare", "sweep@padding"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((repo_copy / "metrics" / "padding.json").read_text())
+    metrics = json.loads((repo_copy / "metrics" / "sweeps" / "padding.json").read_text())
     assert (metrics["n_complete"], metrics["n_pruned"], metrics["n_failed"]) == (2, 0, 0)
-    assert (repo_copy / "models" / "padding" / "best.keras").is_file()
+    assert (repo_copy / "models" / "sweeps" / "padding" / "best.keras").is_file()
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
     assert lock["stages"]["sweep@padding"]["params"]["params.yaml"]["sweep"]["n_trials"] == 2
 
     shown = json.loads(_dvc(run_cmd, repo_copy, "metrics", "show", "--json", stdout_only=True))
-    padding = shown[""]["data"]["metrics/padding.json"]["data"]
+    padding = shown[""]["data"]["metrics/sweeps/padding.json"]["data"]
     assert padding["best_value"] == metrics["best_value"]
-    assert "metrics/padding.json" in _dvc(run_cmd, repo_copy, "metrics", "show")
+    assert "metrics/sweeps/padding.json" in _dvc(run_cmd, repo_copy, "metrics", "show")
 
     again = _dvc(run_cmd, repo_copy, "repro", "sweep@padding")
     assert "Running stage" not in again
@@ -57,7 +57,7 @@ def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
     run = _dvc(run_cmd, repo_copy, "exp", "run", "-S", "sweep.n_trials=3", "sweep@padding")
     assert "Running stage 'sweep@padding'" in run
     assert "Running stage 'prepare'" not in run
-    more = json.loads((repo_copy / "metrics" / "padding.json").read_text())
+    more = json.loads((repo_copy / "metrics" / "sweeps" / "padding.json").read_text())
     assert more["study"] == metrics["study"]
     assert (more["n_trials"], more["n_complete"]) == (3, 3)
 

@@ -11,13 +11,8 @@ import optuna
 import pytest
 
 from pipeline.experiments import parse_experiment
-from pipeline.report import (
-    TrialRecord,
-    build_report,
-    level_effects,
-    pareto_front,
-    regularization_answer,
-)
+from pipeline.report import build_report, level_effects, pareto_front, regularization_answer
+from pipeline.studies import TrialRecord
 
 SETTINGS = types.SimpleNamespace(bootstrap=2000, confidence=0.95, seed=0)
 HISTORY = {"loss": [1.0, 0.5], "accuracy": [0.6, 0.9], "val_loss": [0.9, 0.6],
@@ -37,7 +32,8 @@ def planted_trials(rng: np.random.Generator, repeats: int = 3) -> list[TrialReco
     for level, values in levels.items():
         for seed, value in enumerate(values):
             trials.append(TrialRecord(number, "COMPLETE", {"padding": level, "seed": seed},
-                                      float(value), 1000, 5000, HISTORY))
+                                      float(value),
+                                      {"n_params": 1000, "macs": 5000, "history": HISTORY}))
             number += 1
     return trials
 
@@ -111,14 +107,16 @@ def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path
     _stored_study(storage, "padding-abc", trials, "padding")
     experiment = parse_experiment("padding", {"factors": {"padding": ["same", "valid"]},
                                               "base_level": {"padding": "same"}}, "padding.yaml")
+    plots = tmp_path / "plots"
     markdown, results = build_report(
-        {"padding": {"study": "padding-abc", "best_value": 0.98, "_experiment": experiment}},
-        storage, tmp_path, SETTINGS,
+        {"padding": (experiment, {"study": "padding-abc", "best_value": 0.98})},
+        storage, plots, SETTINGS,
     )
     assert "| blank | 3 | 0 | 0 |" in markdown
     assert "**yes**" in markdown and "no, within noise" in markdown
-    assert (tmp_path / "padding_levels.png").stat().st_size > 1000
-    assert (tmp_path / "padding_curves.png").stat().st_size > 1000
+    assert (plots / "padding_levels.png").stat().st_size > 1000
+    assert (plots / "padding_curves.png").stat().st_size > 1000
+    assert "](plots/padding_levels.png)" in markdown
     levels = json.loads(json.dumps(results))["padding"]["levels"]
     assert levels["blank"]["real_effect"] is True
     assert levels["copy"]["real_effect"] is False
@@ -147,8 +145,8 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
                     "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
         "sampler": {"name": "tpe"}, "n_trials": 24}, "joint.yaml")
     markdown, results = build_report(
-        {"joint": {"study": "joint-abc", "best_value": 0.6, "_experiment": experiment}},
-        storage, tmp_path, SETTINGS,
+        {"joint": (experiment, {"study": "joint-abc", "best_value": 0.6})},
+        storage, tmp_path / "plots", SETTINGS,
     )
     weights = results["joint"]["importances"]
     assert weights["learning_rate"] > 0.8 > weights["padding"]
@@ -157,4 +155,4 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
     front = results["joint"]["pareto"]
     assert [p["n_params"] for p in front] == sorted(p["n_params"] for p in front)
     assert all(b["val_accuracy"] > a["val_accuracy"] for a, b in itertools.pairwise(front))
-    assert (tmp_path / "joint_pareto.png").stat().st_size > 1000
+    assert (tmp_path / "plots" / "joint_pareto.png").stat().st_size > 1000

@@ -14,6 +14,7 @@ import pytest
 from fake_kaggle import TEST_KEY, FakeKaggle
 
 from pipeline import cli, fetch, prepare
+from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.prepare import Dataset, Meta
 from pipeline.submit import make_submission, validate
@@ -30,13 +31,13 @@ def project(tmp_path, monkeypatch, write_params):
     """Embedded data fetched and prepared, one study's metrics and its model on disk."""
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path / "params.yaml", data={"source": "embedded"})
-    fetch.main("params.yaml")
-    prepare.main("params.yaml")
-    (tmp_path / "experiments").mkdir()
-    (tmp_path / "experiments" / "padding.yaml").write_text("factors: {padding: [valid, same]}\n")
-    (tmp_path / "metrics" / "padding.json").write_text(
+    config = load_config("params.yaml")
+    fetch.main(config)
+    prepare.main(config)
+    (tmp_path / "metrics" / "sweeps").mkdir(parents=True)
+    (tmp_path / "metrics" / "sweeps" / "padding.json").write_text(
         json.dumps({"best_value": 0.9, "study": "padding-x"}))
-    model_path = tmp_path / "models" / "padding" / "best.keras"
+    model_path = tmp_path / "models" / "sweeps" / "padding" / "best.keras"
     model_path.parent.mkdir(parents=True)
     _tiny_model((8, 8, 1), 10).save(model_path)
     return tmp_path
@@ -59,7 +60,7 @@ def test_submission_has_the_sample_layout_and_a_sidecar(project):
 
 
 def test_a_model_with_the_wrong_number_of_classes_is_refused(project, capsys):
-    _tiny_model((8, 8, 1), 3).save(project / "models" / "padding" / "best.keras")
+    _tiny_model((8, 8, 1), 3).save(project / "models" / "sweeps" / "padding" / "best.keras")
     assert cli.main(["submit"]) == 2
     assert "predicts 3 classes but the competition has 10" in capsys.readouterr().err
     assert not _csv(project).exists()

@@ -16,24 +16,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest
-from conftest import write_params_file
 from optuna.trial import TrialState
+from support import Project, wait_for
 
 import pipeline.train
-from pipeline import cli, sweep
-from pipeline.fetch import write_embedded
-from pipeline.params import PrepareParams
-from pipeline.prepare import prepare, save_prepared
+from pipeline import cli
+from pipeline.studies import PARENT_ATTR, make_storage
+from pipeline.trial import CHECKPOINT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 COMPETITION = "digit-recognizer"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -54,18 +49,6 @@ pruner: {name: median, n_startup_trials: 1, n_warmup_steps: 0}
 
 
 @pytest.fixture(scope="session")
-def prepared(tmp_path_factory) -> Path:
-    """The embedded digits, prepared once and only read by the sweeps."""
-    root = tmp_path_factory.mktemp("digits")
-    raw = root / "raw" / COMPETITION
-    raw.mkdir(parents=True)
-    write_embedded(raw)
-    data, _ = prepare(raw, COMPETITION, PrepareParams())
-    save_prepared(data, root / "prepared")
-    return root / "prepared"
-
-
-@pytest.fixture(scope="session")
 def empty_mlflow_db(tmp_path_factory) -> Path:
     """An MLflow SQLite store with its tables made (seconds of migrations), to copy."""
     from mlflow.tracking import MlflowClient
@@ -75,91 +58,28 @@ def empty_mlflow_db(tmp_path_factory) -> Path:
     return path
 
 
-@dataclass
-class Workdir:
-    """One sweep's folder, its params and its stores, with ways to read them back."""
-
-    root: Path
-    prepared: Path
-
-    @property
-    def params(self) -> Path:
-        return self.root / "params.yaml"
-
-    @property
-    def storage(self) -> str:
-        return f"sqlite:///{self.root}/optuna.db"
-
-    @property
-    def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root}/mlflow.db"
-
-    def configure(self, *, train: dict | None = None, sweep: dict | None = None) -> None:
-        """The repository's params with tmp paths, two epochs and a budget of two."""
-        write_params_file(
-            self.params,
-            paths={"prepared": str(self.prepared), "models": str(self.root / "models"),
-                   "metrics": str(self.root / "metrics"),
-                   "experiments": str(self.root / "experiments")},
-            tracking={"uri": self.tracking_uri},
-            sweep={"storage": self.storage, "n_trials": 2, "n_workers": 1, "isolate": False,
-                   **(sweep or {})},
-            train={"epochs": 2, **(train or {})},
-        )
-
-    def run(self, experiment: str = "padding") -> dict[str, Any]:
-        return sweep.main(str(self.params), experiment)
-
-    def cli(self, *args: str) -> int:
-        return cli.main([*args, "--params", str(self.params)])
-
-    def study_name(self, experiment: str = "padding") -> str:
-        return sweep.load_context(str(self.params), experiment).study_name
-
-    def study(self, name: str) -> optuna.Study:
-        return optuna.load_study(study_name=name, storage=self.storage)
-
-    def metrics(self, experiment: str = "padding") -> dict[str, Any]:
-        return json.loads((self.root / "metrics" / f"{experiment}.json").read_text())
-
-    @property
-    def client(self):
-        from mlflow.tracking import MlflowClient
-
-        return MlflowClient(self.tracking_uri)
-
-    def runs(self, query: str = "") -> list:
-        experiment = self.client.get_experiment_by_name("conv-ablation")
-        return self.client.search_runs([experiment.experiment_id], query, max_results=1000)
-
-    def parent(self, study: optuna.Study):
-        return self.client.get_run(study.user_attrs[sweep.PARENT_ATTR])
-
-    def children(self, study: optuna.Study) -> dict[int, Any]:
-        """Child runs of the study's parent run by trial number; one per trial, no more."""
-        runs = self.runs(f"tags.`{PARENT_TAG}` = '{study.user_attrs[sweep.PARENT_ATTR]}'")
-        numbers = [int(r.data.tags["trial_number"]) for r in runs]
-        assert len(numbers) == len(set(numbers)), f"several runs for one trial: {numbers}"
-        return {int(r.data.tags["trial_number"]): r for r in runs}
-
-
-def _make_workdir(root: Path, prepared: Path, mlflow_db: Path) -> Workdir:
+def _make_project(root: Path, prepared: Path, mlflow_db: Path) -> Project:
+    """The padding, collapse and hopeless experiments; two epochs and a budget of two."""
     shutil.copy2(mlflow_db, root / "mlflow.db")
-    (root / "experiments").mkdir(parents=True)
-    shutil.copy2(REPO_ROOT / "experiments" / "padding.yaml", root / "experiments")
-    (root / "experiments" / "collapse.yaml").write_text(COLLAPSE)
-    (root / "experiments" / "hopeless.yaml").write_text(HOPELESS)
-    work = Workdir(root, prepared)
-    work.configure()
-    return work
+    project = Project(root, prepared)
+    project.add_experiment("padding")
+    project.add_experiment("collapse", COLLAPSE)
+    project.add_experiment("hopeless", HOPELESS)
+    configure(project)
+    return project
+
+
+def configure(project: Project, *, train: dict | None = None, sweep: dict | None = None):
+    project.configure(sweep={"n_trials": 2, "n_workers": 1, "isolate": False, **(sweep or {})},
+                      train={"epochs": 2, **(train or {})})
 
 
 @pytest.fixture
-def workdir(tmp_path, prepared, empty_mlflow_db, monkeypatch) -> Workdir:
-    """A fresh sweep folder as the working directory (MLflow puts artifacts in ./mlruns)."""
+def workdir(tmp_path, prepared_digits, empty_mlflow_db, monkeypatch) -> Project:
+    """A fresh project as the working directory (MLflow puts artifacts in ./mlruns)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    return _make_workdir(tmp_path, prepared, empty_mlflow_db)
+    return _make_project(tmp_path, prepared_digits, empty_mlflow_db)
 
 
 def _by_state(study: optuna.Study) -> Counter:
@@ -170,14 +90,14 @@ def _by_state(study: optuna.Study) -> Counter:
 
 
 @pytest.fixture(scope="module")
-def padding_sweep(tmp_path_factory, prepared, empty_mlflow_db):
+def padding_sweep(tmp_path_factory, prepared_digits, empty_mlflow_db):
     """`padding` with a budget of two (valid and same, seed 0), run once for the module."""
     root = tmp_path_factory.mktemp("padding-sweep")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-        work = _make_workdir(root, prepared, empty_mlflow_db)
-        summary = work.run("padding")
+        work = _make_project(root, prepared_digits, empty_mlflow_db)
+        summary = work.sweep("padding")
     return work, summary, work.study(summary["study"])
 
 
@@ -200,19 +120,16 @@ def test_sweep_writes_metrics(padding_sweep):
     assert metrics["registered_model"] == f"{COMPETITION}-padding@champion"
 
 
-def test_sweep_saves_the_best_trials_model(padding_sweep, prepared):
+def test_sweep_saves_the_best_trials_model(padding_sweep, digits):
     import keras
 
-    from pipeline.prepare import load_prepared
-
     work, summary, _ = padding_sweep
-    model = keras.models.load_model(work.root / "models" / "padding" / "best.keras")
+    model = keras.models.load_model(work.model_file())
 
     assert model.input_shape == (None, 8, 8, 1)
     assert model.output_shape == (None, 10)
     assert model.get_layer("conv0").padding == summary["best_params"]["padding"]
-    data = load_prepared(prepared)
-    accuracy = float((model.predict(data.x_val, verbose=0).argmax(1) == data.y_val).mean())
+    accuracy = float((model.predict(digits.x_val, verbose=0).argmax(1) == digits.y_val).mean())
     assert accuracy == pytest.approx(summary["best_value"], abs=0.01)
 
 
@@ -253,38 +170,38 @@ def test_sweep_registers_the_best_model_as_champion(padding_sweep):
     work, summary, study = padding_sweep
     version = work.client.get_model_version_by_alias(f"{COMPETITION}-padding", "champion")
 
-    assert version.run_id == study.user_attrs[sweep.PARENT_ATTR]
+    assert version.run_id == study.user_attrs[PARENT_ATTR]
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     artifacts = [a.path for a in work.client.list_artifacts(best_run, "checkpoint")]
-    assert artifacts == [sweep.CHECKPOINT]
+    assert artifacts == [CHECKPOINT]
 
 
 # -- (b) resuming ------------------------------------------------------------------------------
 
 
 def test_rerun_continues_the_same_study_and_new_train_params_start_another(workdir):
-    first = workdir.run()
+    first = workdir.sweep()
     study = workdir.study(first["study"])
-    parent_id = study.user_attrs[sweep.PARENT_ATTR]
+    parent_id = study.user_attrs[PARENT_ATTR]
     assert len(study.get_trials()) == 2
 
-    again = workdir.run()  # the same params: nothing left to run
+    again = workdir.sweep()  # the same params: nothing left to run
     assert again["study"] == first["study"]
     assert len(study.get_trials()) == 2
     assert (again["n_complete"], again["best_value"]) == (2, first["best_value"])
 
-    workdir.configure(sweep={"n_trials": 3})  # a bigger budget continues the study
-    more = workdir.run()
+    configure(workdir, sweep={"n_trials": 3})  # a bigger budget continues the study
+    more = workdir.sweep()
     assert more["study"] == first["study"]
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     assert trials[2].params == {"padding": "valid", "seed": 1}  # the next grid point
-    assert study.user_attrs[sweep.PARENT_ATTR] == parent_id
+    assert study.user_attrs[PARENT_ATTR] == parent_id
     assert set(workdir.children(study)) == {0, 1, 2}
     assert workdir.metrics()["n_complete"] == 3
 
-    workdir.configure(sweep={"n_trials": 1}, train={"epochs": 1})  # defines another study
-    other = workdir.run()
+    configure(workdir, sweep={"n_trials": 1}, train={"epochs": 1})  # defines another study
+    other = workdir.sweep()
     assert other["study"] != first["study"]
     assert len(workdir.study(other["study"]).get_trials()) == 1
     assert sorted(optuna.get_all_study_names(workdir.storage)) == sorted(
@@ -295,8 +212,8 @@ def test_rerun_continues_the_same_study_and_new_train_params_start_another(workd
 
 
 def test_the_pruner_stops_a_hopeless_trial(workdir):
-    workdir.configure(train={"epochs": 3}, sweep={"n_trials": None})
-    summary = workdir.run("hopeless")
+    configure(workdir, train={"epochs": 3}, sweep={"n_trials": None})
+    summary = workdir.sweep("hopeless")
     study = workdir.study(summary["study"])
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     pruned = study.get_trials(states=(TrialState.PRUNED,))
@@ -312,8 +229,8 @@ def test_the_pruner_stops_a_hopeless_trial(workdir):
 
 
 def test_collapsing_configs_are_pruned_without_training(workdir):
-    workdir.configure(sweep={"n_trials": None})  # the whole grid: 4 trials
-    summary = workdir.run("collapse")
+    configure(workdir, sweep={"n_trials": None})  # the whole grid: 4 trials
+    summary = workdir.sweep("collapse")
     study = workdir.study(summary["study"])
     children = workdir.children(study)
 
@@ -343,29 +260,29 @@ def test_collapsing_configs_are_pruned_without_training(workdir):
 # -- (d) resuming after the sweep process is killed --------------------------------------------
 
 
-def _wait_for_running_trial(work: Workdir, name: str, proc: subprocess.Popen, log: Path,
+def _wait_for_running_trial(work: Project, name: str, proc: subprocess.Popen, log: Path,
                             timeout: float = 180.0) -> int:
     """The number of a RUNNING trial that already has its MLflow run."""
-    storage = sweep.make_storage(work.storage, 10)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    storage = make_storage(work.storage, 10)
+
+    def running_trial() -> int | None:
         if proc.poll() is not None:
-            pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be killed:\n"
-                        f"{log.read_text()}")
+            pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be "
+                        f"killed:\n{log.read_text()}")
         try:
             study = optuna.load_study(study_name=name, storage=storage)
-            for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if "mlflow_run_id" in trial.user_attrs:
-                    return trial.number
         except KeyError:  # the study is not created yet
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"no trial started within {timeout:.0f}s:\n{log.read_text()}")
+            return None
+        return next((t.number + 1 for t in study.get_trials(deepcopy=False,
+                                                            states=(TrialState.RUNNING,))
+                     if "mlflow_run_id" in t.user_attrs), None)
+
+    return wait_for(running_trial, timeout, "no trial started", log.read_text) - 1
 
 
 def test_sweep_resumes_after_sigkill(workdir):
     budget = 4
-    workdir.configure(sweep={"n_trials": budget}, train={"epochs": 5})
+    configure(workdir, sweep={"n_trials": budget}, train={"epochs": 5})
     name = workdir.study_name()
     log = workdir.root / "sweep.log"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -417,16 +334,16 @@ def test_sweep_resumes_after_sigkill(workdir):
 def test_failed_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
     real_train = pipeline.train.train
 
-    def train_failing_on_valid(config, params, data, callbacks=()):
+    def train_failing_on_valid(config, params, data, callbacks=(), layers=None):
         if config.blocks[0].padding == "valid":
             raise RuntimeError("simulated failure with valid padding")
-        return real_train(config, params, data, callbacks)
+        return real_train(config, params, data, callbacks, layers)
 
     monkeypatch.setattr(pipeline.train, "train", train_failing_on_valid)
     # valid, same, valid: two failures but never two in a row
-    workdir.configure(sweep={"n_trials": 3, "max_consecutive_failures": 2})
+    configure(workdir, sweep={"n_trials": 3, "max_consecutive_failures": 2})
 
-    summary = workdir.run()
+    summary = workdir.sweep()
 
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 0, 2)
     assert summary["best_params"]["padding"] == "same"
@@ -443,18 +360,18 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(workdir, monkeypatch):
         assert run.info.status == "FAILED"
         assert run.data.tags["state"] == "FAIL"
         assert run.data.tags["error"] == error
-    assert (workdir.root / "models" / "padding" / "best.keras").is_file()
+    assert (workdir.model_file()).is_file()
 
 
 def test_consecutive_failures_stop_the_sweep(workdir, monkeypatch, capsys):
     calls = []
 
-    def train_always_failing(config, params, data, callbacks=()):
+    def train_always_failing(config, params, data, callbacks=(), layers=None):
         calls.append(config)
         raise RuntimeError(f"simulated failure number {len(calls)}")
 
     monkeypatch.setattr(pipeline.train, "train", train_always_failing)
-    workdir.configure(sweep={"n_trials": 4, "max_consecutive_failures": 2})
+    configure(workdir, sweep={"n_trials": 4, "max_consecutive_failures": 2})
 
     assert workdir.cli("sweep", "--experiment", "padding") == cli.EXIT_USER_ERROR
 
@@ -467,12 +384,12 @@ def test_consecutive_failures_stop_the_sweep(workdir, monkeypatch, capsys):
     children = workdir.children(study)
     assert {r.info.status for r in children.values()} == {"FAILED"}
     assert workdir.parent(study).info.status == "FAILED"
-    assert not (workdir.root / "metrics" / "padding.json").exists()
-    assert not (workdir.root / "models" / "padding" / "best.keras").exists()
+    assert not (workdir.root / "metrics" / "sweeps" / "padding.json").exists()
+    assert not (workdir.model_file()).exists()
 
 
 def test_study_where_every_trial_fails_ends_with_an_error(workdir, monkeypatch, capsys):
-    def train_always_failing(config, params, data, callbacks=()):
+    def train_always_failing(config, params, data, callbacks=(), layers=None):
         raise RuntimeError("simulated failure")
 
     monkeypatch.setattr(pipeline.train, "train", train_always_failing)
@@ -491,9 +408,9 @@ def test_study_where_every_trial_fails_ends_with_an_error(workdir, monkeypatch, 
                                     {"n_workers": 2}],
                          ids=["isolate", "one-trial-per-process", "two-workers"])
 def test_sweep_with_worker_processes(workdir, option):
-    workdir.configure(sweep=option)
+    configure(workdir, sweep=option)
 
-    summary = workdir.run()
+    summary = workdir.sweep()
 
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (2, 0, 0)
     study = workdir.study(summary["study"])
@@ -506,7 +423,7 @@ def test_sweep_with_worker_processes(workdir, option):
     children = workdir.children(study)
     assert set(children) == {t.number for t in trials}
     assert {r.info.status for r in children.values()} == {"FINISHED"}
-    assert (workdir.root / "models" / "padding" / "best.keras").is_file()
+    assert (workdir.model_file()).is_file()
 
 
 # -- (g) command-line errors -------------------------------------------------------------------

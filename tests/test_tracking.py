@@ -23,6 +23,7 @@ from pipeline.model import ConvBlock, ModelConfig, flatten_config
 from pipeline.params import TrainParams
 from pipeline.prepare import save_prepared
 from pipeline.tracking import Tracker
+from pipeline.train import train_tracked
 
 CONFIG = ModelConfig(
     blocks=(ConvBlock(filters=4, padding="same", pooling="none", regularization="batchnorm"),
@@ -83,7 +84,7 @@ def _other_filesystem(folder: Path) -> Path | None:
 # -- a SQLite store --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sqlite_run(tmp_path_factory, digits):
-    """One `train_run` (two epochs) into `sqlite:///<tmp>/mlflow.db`, run from a tmp git
+    """One `train_tracked` run (two epochs) into `sqlite:///<tmp>/mlflow.db`, run from a tmp git
     repository (MLflow's default artifact root `./mlruns` lands there too). Temporary
     files go to another filesystem when there is one, as on systems whose /tmp is tmpfs."""
     root = tmp_path_factory.mktemp("sqlite-tracking")
@@ -98,7 +99,7 @@ def sqlite_run(tmp_path_factory, digits):
         _reset_tracking_uri(mp)
         tracker = Tracker.connect(uri, "test-tracking")
         checkpoint = root / "models" / "train" / "best.keras"
-        result = tracker.train_run(CONFIG, TWO_EPOCHS, digits, checkpoint)
+        result = train_tracked(tracker, CONFIG, TWO_EPOCHS, digits, checkpoint)
         run = MlflowClient(uri).search_runs([tracker.experiment_id])[0]
     return {"uri": uri, "root": root, "commit": commit, "tracker": tracker,
             "checkpoint": checkpoint, "result": result, "run": run,
@@ -178,7 +179,7 @@ def test_failed_training_marks_the_run_failed(sqlite_run, digits):
     collapsing = ModelConfig(blocks=(ConvBlock(kernel_size=9, padding="valid"),))
     tracker = sqlite_run["tracker"]
     with pytest.raises(UserError, match=r"blocks\[0\]\.conv"):
-        tracker.train_run(collapsing, TWO_EPOCHS, digits, sqlite_run["root"] / "x.keras")
+        train_tracked(tracker, collapsing, TWO_EPOCHS, digits, sqlite_run["root"] / "x.keras")
     runs = MlflowClient(sqlite_run["uri"]).search_runs(
         [tracker.experiment_id], "attributes.status = 'FAILED'")
     assert len(runs) == 1
@@ -221,14 +222,14 @@ def test_cli_train_with_unreachable_server_exits_before_training(
 # -- a real MLflow server -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server_run(mlflow_server, tmp_path_factory, digits):
-    """One `train_run` (two epochs) against the live server; artifacts go through it."""
+    """One `train_tracked` run (two epochs) against the live server; artifacts go through it."""
     root = tmp_path_factory.mktemp("server-tracking")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         _reset_tracking_uri(mp)
         tracker = Tracker.connect(mlflow_server, "test-server")
         checkpoint = root / "best.keras"
-        result = tracker.train_run(CONFIG, TWO_EPOCHS, digits, checkpoint)
+        result = train_tracked(tracker, CONFIG, TWO_EPOCHS, digits, checkpoint)
         run_id = tracker.client.search_runs([tracker.experiment_id])[0].info.run_id
     return {"url": mlflow_server, "run_id": run_id, "result": result, "root": root,
             "checkpoint": checkpoint}

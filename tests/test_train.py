@@ -13,7 +13,8 @@ import pytest
 
 from pipeline.model import ConvBlock, ModelConfig, check_shapes, count_macs
 from pipeline.params import TrainParams
-from pipeline.train import HISTORY_KEYS, predict_labels, train
+from pipeline.model import predict_labels
+from pipeline.train import HISTORY_KEYS, train
 
 METRIC_KEYS = {"val_accuracy", "val_loss", "best_epoch", "epochs_run", "n_params", "macs",
                "train_seconds"}

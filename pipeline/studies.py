@@ -1,0 +1,381 @@
+"""Optuna behind one door: the only module that imports it.
+
+A `Study` is one experiment's study in a storage (SQLite, PostgreSQL/MySQL with Optuna's
+heartbeat, or Redis through the journal storage). Its whole budget is queued up front as
+WAITING trials (each grid point, or an empty slot for TPE/random to fill); workers
+anywhere `claim` them one at a time through the storage's atomic state change, so together
+they never exceed the budget or run a grid point twice. Trials left RUNNING by a dead
+worker are failed (same host: its process is gone; other hosts: a stale heartbeat) and, on
+shared storages, queued again once. The rest of the pipeline gets plain values back:
+`TrialRecord`s, summaries, importances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import logging
+import os
+import socket
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.errors import Pruned, UserError
+from pipeline.experiments import Experiment, suggest
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+REJECTED = "rejected before training"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as plain values."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING or WAITING
+    params: dict[str, Any]
+    value: float | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str | None:
+        return self.attrs.get("mlflow_run_id")
+
+    @property
+    def n_params(self) -> int | None:
+        return self.attrs.get("n_params")
+
+    @property
+    def macs(self) -> int | None:
+        return self.attrs.get("macs")
+
+    @property
+    def history(self) -> dict[str, list[float]] | None:
+        return self.attrs.get("history")
+
+    @property
+    def rejected(self) -> bool:
+        """Pruned before any training (a config the shape check refused), as opposed to
+        stopped by the pruner."""
+        return str(self.attrs.get("prune_reason", "")).startswith(REJECTED)
+
+
+def redact(url: str) -> str:
+    """`url` without its password."""
+    password = urlsplit(url).password
+    return url.replace(f":{password}@", ":***@") if password else url
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# -- storages -------------------------------------------------------------------------------
+def make_storage(url: str, heartbeat_seconds: int):
+    """An Optuna storage for `url`; a connection or driver problem is a `UserError`."""
+    from optuna.storages import RDBStorage
+
+    try:
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            from optuna.storages.journal import JournalRedisBackend
+
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        if url.startswith("sqlite"):
+            storage = RDBStorage(url, engine_kwargs={"connect_args": {
+                "timeout": 120, "isolation_level": None}})
+            _lock_on_begin(storage.engine)
+            return storage
+        if url.startswith(("postgresql", "mysql")):
+            return RDBStorage(
+                _with_driver(url), engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=_requeue,
+            )
+    except Exception as exc:  # connection refused, bad credentials, missing driver
+        raise UserError(f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
+                        f"{str(exc).splitlines()[0]}") from None
+    raise UserError(f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
+                    "mysql://... or redis://...")
+
+
+def _with_driver(url: str) -> str:
+    """SQLAlchemy >= 2.1 reads a bare `postgresql://` as psycopg 3; this project installs
+    psycopg2, so name it unless psycopg 3 is there."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
+
+
+def _lock_on_begin(engine) -> None:
+    """SQLite: every transaction takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    pysqlite otherwise begins at the first write, so two processes could both read a trial
+    as WAITING and both mark it RUNNING: `claim` would hand one trial to two workers."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+
+
+def _sampler(experiment: Experiment):
+    spec = dict(experiment.sampler)
+    name, seed = spec.pop("name"), spec.pop("seed", 0)
+    if name == "tpe":
+        try:
+            return optuna.samplers.TPESampler(seed=seed, **spec)
+        except TypeError as exc:
+            raise UserError(f"experiments/{experiment.name}.yaml: sampler: {exc}") from None
+    # grid studies have every point queued with fixed params; the sampler never picks
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _pruner(experiment: Experiment):
+    spec = dict(experiment.pruner)
+    kinds = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
+             "hyperband": optuna.pruners.HyperbandPruner,
+             "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
+    try:
+        return kinds[spec.pop("name")](**spec)
+    except TypeError as exc:
+        raise UserError(f"experiments/{experiment.name}.yaml: pruner: {exc}") from None
+
+
+# -- a study ---------------------------------------------------------------------------------
+class Study:
+    """One experiment's study in one storage."""
+
+    def __init__(self, study, storage):
+        self.optuna = study
+        self.storage = storage
+        self.name = study.study_name
+        self._id = storage.get_study_id_from_name(self.name)
+
+    @classmethod
+    def open(cls, url: str, name: str, heartbeat_seconds: int = 10,
+             experiment: Experiment | None = None, create: bool = False) -> Study:
+        """The study `name`; created when `create`. A missing one raises KeyError."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = make_storage(url, heartbeat_seconds)
+        kwargs = {"study_name": name, "storage": storage}
+        if experiment is not None:
+            kwargs.update(sampler=_sampler(experiment), pruner=_pruner(experiment))
+        if create:
+            study = optuna.create_study(direction=experiment.direction, load_if_exists=True,
+                                        **kwargs)
+        else:
+            study = optuna.load_study(**kwargs)
+        return cls(study, storage)
+
+    @property
+    def shared(self) -> bool:
+        """A storage other machines can reach (heartbeats and retries apply)."""
+        return not isinstance(self.storage, optuna.storages.RDBStorage) or \
+            self.storage.engine.url.get_backend_name() != "sqlite"
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.optuna.user_attrs.get(PARENT_ATTR)
+
+    @parent_run_id.setter
+    def parent_run_id(self, run_id: str) -> None:
+        self.optuna.set_user_attr(PARENT_ATTR, run_id)
+
+    def _slots(self) -> list:
+        """The frozen trials, one per budget slot: a failed trial that was queued again
+        gives its slot to its retry."""
+        trials = self.optuna.get_trials(deepcopy=False)
+        retried = {t.system_attrs["failed_trial"] for t in trials
+                   if "failed_trial" in t.system_attrs}
+        return [t for t in trials if t.number not in retried]
+
+    def records(self, finished_only: bool = False) -> list[TrialRecord]:
+        return [TrialRecord(t.number, t.state.name, dict(t.params), t.value, dict(t.user_attrs))
+                for t in self._slots() if t.state in FINISHED or not finished_only]
+
+    def count(self, state: str) -> int:
+        return len(self.optuna.get_trials(deepcopy=False, states=(TrialState[state],)))
+
+    def fill_queue(self, experiment: Experiment) -> int:
+        """Queue WAITING trials until the study holds its whole budget; returns how many."""
+        existing = self._slots()
+        missing = experiment.n_trials - len(existing)
+        if missing <= 0:
+            return 0
+        if not experiment.is_grid:
+            for _ in range(missing):
+                self.optuna.enqueue_trial({})
+            return missing
+        taken = [t.system_attrs.get("fixed_params", t.params) for t in existing]
+        points = [p for p in experiment.grid() if p not in taken][:missing]
+        for point in points:
+            self.optuna.enqueue_trial(point)
+        return len(points)
+
+    def claim(self) -> Trial | None:
+        """Atomically take one WAITING trial (RUNNING from now on), or None when none is
+        left. The storage's state change succeeds for one caller only."""
+        for frozen in self.optuna.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                self._id, frozen.number)
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return Trial(self, optuna.Trial(self.optuna, trial_id), trial_id)
+        return None
+
+    def fail_dead_trials(self) -> list[int]:
+        """Fail RUNNING trials whose worker is gone: on this host a dead process, on shared
+        RDB storages a stale Optuna heartbeat. Shared storages queue them again once."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.optuna)
+        host, failed = socket.gethostname(), []
+        for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.user_attrs.get("worker", "")
+            owner_host, _, pid = owner.rpartition(":")
+            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+                continue
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
+                self._id, trial.number)
+            try:  # the error first: a finished trial's attributes can no longer be set
+                self.storage.set_trial_user_attr(trial_id, "error",
+                                                 f"worker {owner} died during the trial")
+                if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            failed.append(trial.number)
+            if self.shared:
+                _requeue(self.optuna, self.optuna.trials[trial.number])
+        if failed:
+            log.warning("trials %s were left RUNNING by a dead worker: marked FAIL", failed)
+        return failed
+
+    def best(self) -> TrialRecord | None:
+        complete = [r for r in self.records() if r.state == "COMPLETE"]
+        if not complete:
+            return None
+        pick = max if self.optuna.direction == optuna.study.StudyDirection.MAXIMIZE else min
+        return pick(complete, key=lambda r: r.value)
+
+    def importances(self) -> dict[str, float]:
+        """Optuna's default (fANOVA) parameter importances over complete trials."""
+        try:
+            weights = optuna.importance.get_param_importances(self.optuna)
+        except (RuntimeError, ValueError) as exc:  # too few trials, or no variation
+            log.warning("no parameter importances for %s (%s)", self.name, exc)
+            return {}
+        return {k: float(v) for k, v in weights.items()}
+
+    def wall_seconds(self) -> float:
+        trials = self.optuna.get_trials(deepcopy=False, states=FINISHED)
+        starts = [t.datetime_start for t in trials if t.datetime_start]
+        ends = [t.datetime_complete for t in trials if t.datetime_complete]
+        return round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else 0.0
+
+
+def study_names(url: str) -> list[str]:
+    return optuna.get_all_study_names(make_storage(url, 10))
+
+
+# -- one claimed trial ---------------------------------------------------------------------
+class Trial:
+    """A trial this process claimed: what it sampled, its attributes, and its end."""
+
+    def __init__(self, study: Study, trial, trial_id: int):
+        self.study, self._trial, self._id = study, trial, trial_id
+        self.number = trial.number
+        trial.set_user_attr("worker", worker_id())
+
+    def suggest(self, experiment: Experiment) -> dict[str, Any]:
+        return suggest(self._trial, experiment)
+
+    def set_attrs(self, attrs: dict[str, Any]) -> None:
+        for key, value in attrs.items():
+            self._trial.set_user_attr(key, value)
+
+    def is_best_so_far(self, value: float) -> bool:
+        best = self.study.best()
+        if best is None:
+            return True
+        maximize = self.study.optuna.direction == optuna.study.StudyDirection.MAXIMIZE
+        return value >= best.value if maximize else value <= best.value
+
+    def tell(self, state: str, value: float | None = None) -> None:
+        if state == "COMPLETE":
+            self.study.optuna.tell(self._trial, value)
+        else:
+            self.study.optuna.tell(self._trial, state=TrialState[state])
+
+    def pruning_callback(self, monitor: str):
+        """A Keras callback reporting `monitor` each epoch; raises `Pruned` when told."""
+        import keras
+
+        trial = self._trial
+
+        class ReportAndPrune(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                value = (logs or {}).get(monitor)
+                if value is None:
+                    return
+                trial.report(float(value), epoch)
+                if trial.should_prune():
+                    raise Pruned(f"pruned after epoch {epoch + 1}: {monitor} {float(value):.4f}")
+
+        return ReportAndPrune()
+
+    @contextlib.contextmanager
+    def heartbeat(self, interval: float):
+        """Optuna's heartbeat while the trial trains (RDB storages that ask for one)."""
+        storage, stop = self.study.storage, threading.Event()
+        if not getattr(storage, "get_heartbeat_interval", lambda: None)():
+            yield
+            return
+
+        def beat():
+            while not stop.is_set():
+                storage.record_heartbeat(self._id)
+                stop.wait(interval)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+# -- dead workers --------------------------------------------------------------------------
+def _requeue(study, trial) -> None:
+    """Queue a dead worker's trial again, once (Optuna's retry), without the attributes of
+    the dead run: a retry still naming its dead worker would look dead itself between its
+    claim and its new worker writing its own id, and be failed again by another worker."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    trial = copy.copy(trial)
+    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
+                        if k not in ("worker", "error", "mlflow_run_id")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
+
+
+def _alive(pid: int) -> bool:
+    """A worker killed but not yet reaped by its parent (a zombie) is dead too."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True

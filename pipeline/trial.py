@@ -1,0 +1,156 @@
+"""One trial of a study: suggest -> apply -> check -> train -> value.
+
+`evaluate` is the objective without any tracking: it turns sampled values into a config,
+checks its shapes, trains it and returns an `Outcome` (COMPLETE with a value, PRUNED with
+a reason, FAIL with an error). `run_trial` wraps it for a claimed trial: an MLflow child
+run opens before and closes after, with the epoch logger and the pruner as Keras
+callbacks, and the outcome goes back to the study.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import train as training
+from pipeline.config import Config
+from pipeline.errors import Pruned, UserError
+from pipeline.experiments import Experiment, apply_factors, load_experiment, study_name
+from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
+from pipeline.params import TrainParams
+from pipeline.prepare import Dataset, load_prepared
+from pipeline.studies import REJECTED, Study, Trial
+from pipeline.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint/best.keras"
+# a trial's final state -> the status of its MLflow run
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+RESULT_ATTRS = ("n_params", "macs", "epochs_run", "best_epoch")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One experiment on one data set under one config: what every worker needs."""
+
+    config: Config
+    experiment: Experiment
+    data: Dataset
+
+    @classmethod
+    def load(cls, config: Config, experiment: str) -> Job:
+        spec = load_experiment(config.paths.experiments, experiment, config.sweep.n_trials,
+                               config.model)
+        return cls(config, spec, load_prepared(config.paths.prepared))
+
+    @property
+    def study_name(self) -> str:
+        return study_name(self.experiment, self.config.model, self.config.train,
+                          self.data.meta.data_hash)
+
+    def open_study(self, create: bool = False) -> Study:
+        """This job's study (KeyError when it does not exist and `create` is false)."""
+        return Study.open(self.config.sweep.storage, self.study_name,
+                          self.config.sweep.heartbeat_seconds, self.experiment, create)
+
+
+@dataclass
+class Outcome:
+    state: str  # COMPLETE, PRUNED or FAIL
+    value: float | None = None
+    reason: str = ""  # why it was pruned or failed
+    attrs: dict[str, Any] = field(default_factory=dict)  # kept on the Optuna trial
+    metrics: dict[str, float] = field(default_factory=dict)  # what `train()` measured
+    model: Any = field(default=None, repr=False)
+
+
+def configure(job: Job, values: dict[str, Any]) -> tuple[ModelConfig, TrainParams, str | None]:
+    """The trial's config and training settings, or why the config is refused."""
+    try:
+        config, params = apply_factors(job.config.model, job.config.train, values)
+    except ValueError as exc:  # a combination the config refuses, e.g. strides with dilation
+        return job.config.model, job.config.train, str(exc)
+    return config, params, None
+
+
+def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list) -> Outcome:
+    """Check, train, and read the objective; nothing here knows MLflow or Optuna."""
+    counter = _epoch_counter()
+    try:
+        layers: list[LayerShape] = check_shapes(config, job.data.meta.image_shape,
+                                                job.data.meta.n_classes)
+    except UserError as exc:
+        return Outcome("PRUNED", reason=f"{REJECTED}: {exc}", attrs={"epochs_run": 0})
+    try:
+        result = training.train(config, params, job.data, [counter, *callbacks], layers=layers)
+    except Pruned as exc:
+        return Outcome("PRUNED", reason=str(exc) or "pruned",
+                       attrs={"epochs_run": counter.epochs})
+    except Exception as exc:
+        log.debug("trial failed", exc_info=True)
+        return Outcome("FAIL", reason=f"{type(exc).__name__}: {exc}"[:5000],
+                       attrs={"epochs_run": counter.epochs})
+    attrs = {k: result.metrics[k] for k in RESULT_ATTRS} | {"history": result.history}
+    return Outcome("COMPLETE", result.metrics[job.experiment.objective], attrs=attrs,
+                   metrics=result.metrics, model=result.model)
+
+
+def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outcome:
+    """Run one claimed trial, recorded as a child run of `parent_id` and told to the study."""
+    values = trial.suggest(job.experiment)
+    config, params, refused = configure(job, values)
+    run_id = tracker.start_run(
+        f"trial-{trial.number}", parent_id=parent_id,
+        tags={"trial_number": trial.number, "study": trial.study.name, "state": "RUNNING"},
+        params={**{f"trial.{k}": v for k, v in values.items()},
+                **({} if refused else flatten_config(config)), "train.seed": params.seed},
+    )
+    trial.set_attrs({"mlflow_run_id": run_id})
+    if refused:
+        outcome = Outcome("PRUNED", reason=f"{REJECTED}: {refused}", attrs={"epochs_run": 0})
+    else:
+        callbacks = [tracker.epoch_logger(run_id),
+                     trial.pruning_callback(job.experiment.objective)]
+        with trial.heartbeat(job.config.sweep.heartbeat_seconds):
+            outcome = evaluate(job, config, params, callbacks)
+    try:
+        _record(outcome, trial, tracker, run_id)
+    finally:
+        outcome.model = None
+        gc.collect()
+    return outcome
+
+
+def _record(outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str) -> None:
+    tags = {"state": outcome.state}
+    if outcome.state == "COMPLETE":
+        tracker.log_metrics(run_id, {f"best_{k}": v for k, v in outcome.metrics.items()})
+        if trial.is_best_so_far(outcome.value):
+            with tempfile.TemporaryDirectory() as tmp:
+                outcome.model.save(Path(tmp) / "best.keras")
+                tracker.log_artifact(run_id, Path(tmp) / "best.keras", "checkpoint")
+    elif outcome.state == "PRUNED":
+        outcome.attrs["prune_reason"] = tags["prune_reason"] = outcome.reason
+    else:
+        outcome.attrs["error"] = tags["error"] = outcome.reason
+    trial.set_attrs(outcome.attrs)
+    trial.tell(outcome.state, outcome.value)
+    tracker.end_run(run_id, RUN_STATUS[outcome.state], tags)
+
+
+def _epoch_counter():
+    """A Keras callback counting epochs, also for a trial stopped or failed midway."""
+    import keras
+
+    class EpochCounter(keras.callbacks.Callback):
+        epochs = 0
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.epochs = epoch + 1
+
+    return EpochCounter()
