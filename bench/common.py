@@ -55,17 +55,28 @@ def default_data() -> str:
 def make_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the options every benchmark shares: `--data`, `-S`, `--keep`, `-v`."""
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
-        "--data", default=default_data(), metavar="embedded|mnist10k|PATH.zip",
+        "--data",
+        default=default_data(),
+        metavar="embedded|mnist10k|PATH.zip",
         help="embedded: the offline 8x8 digits; mnist10k: the shared 28x28 digit-recognizer "
-             "zip; or a competition zip (default: %(default)s)")
+        "zip; or a competition zip (default: %(default)s)",
+    )
     parser.add_argument(
-        "-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a params.yaml value, e.g. -S train.epochs=2 (repeatable; the value "
-             "is read as YAML)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary workspace and say where it is")
+        "is read as YAML)",
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary workspace and say where it is"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -93,10 +104,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def setup_logging(verbose: bool) -> None:
     """Progress on stderr; the noisy libraries quiet."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
-    for noisy in ("tensorflow", "absl", "alembic", "mlflow", "urllib3", "optuna", "h5py",
-                  "matplotlib", "git", "filelock"):
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    for noisy in (
+        "tensorflow",
+        "absl",
+        "alembic",
+        "mlflow",
+        "urllib3",
+        "optuna",
+        "h5py",
+        "matplotlib",
+        "git",
+        "filelock",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -162,8 +184,10 @@ def fetch_raw(source: str, dest: Path) -> str:
         return "embedded"
     if source == "mnist10k":
         if not MNIST_ZIP.is_file():
-            raise UserError(f"--data mnist10k: {MNIST_ZIP.resolve()} not found; "
-                            "use --data embedded or a PATH.zip")
+            raise UserError(
+                f"--data mnist10k: {MNIST_ZIP.resolve()} not found; "
+                "use --data embedded or a PATH.zip"
+            )
         extract_zip(MNIST_ZIP, dest)
         return "mnist10k"
     path = Path(source).expanduser()
@@ -185,8 +209,10 @@ def load_data(source: str, raw: dict[str, Any] | None = None):
         label = fetch_raw(source, Path(tmp))
         data, _ = prepare(Path(tmp), competition, settings)
     shape = "x".join(map(str, data.meta.image_shape[:2]))
-    note(f"data {label}: {len(data.y_train)} train, {len(data.y_val)} validation, "
-         f"{len(data.x_test)} test images of {shape}")
+    note(
+        f"data {label}: {len(data.y_train)} train, {len(data.y_val)} validation, "
+        f"{len(data.x_test)} test images of {shape}"
+    )
     return data, label
 
 
@@ -210,10 +236,13 @@ def embedded_solution(dest: Path) -> Path:
         write_embedded(Path(tmp))
         written = pd.read_csv(Path(tmp) / "test.csv").to_numpy()
     if not np.array_equal(written, pixels[test_idx]):
-        raise RuntimeError("pipeline.fetch.write_embedded changed its test split; "
-                           "update bench/common.py:embedded_solution to match")
-    solution = pd.DataFrame({"ImageId": np.arange(1, len(test_idx) + 1),
-                             "Label": digits.target[test_idx]})
+        raise RuntimeError(
+            "pipeline.fetch.write_embedded changed its test split; "
+            "update bench/common.py:embedded_solution to match"
+        )
+    solution = pd.DataFrame(
+        {"ImageId": np.arange(1, len(test_idx) + 1), "Label": digits.target[test_idx]}
+    )
     solution.to_csv(dest, index=False)
     return dest
 
@@ -236,13 +265,14 @@ class Workspace:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
 
-def make_workspace(root: Path, data, raw: dict[str, Any],
-                   experiments: dict[str, dict[str, Any]] | None = None) -> Workspace:
+def make_workspace(
+    root: Path, data, raw: dict[str, Any], experiments: dict[str, dict[str, Any]] | None = None
+) -> Workspace:
     """Write `data` prepared, the experiment files (with per-file `experiments` changes
     merged in) and a `params.yaml` pointing every path and store into `root`."""
     import copy
 
-    from pipeline.prepare import save_prepared
+    from pipeline.dataset import save_prepared
 
     root.mkdir(parents=True, exist_ok=True)
     save_prepared(data, root / "data" / "prepared")
@@ -254,9 +284,12 @@ def make_workspace(root: Path, data, raw: dict[str, Any],
         (exp_dir / path.name).write_text(yaml.safe_dump(spec, sort_keys=False))
     params = copy.deepcopy(raw)
     params["paths"] = {
-        "raw": str(root / "data" / "raw"), "prepared": str(root / "data" / "prepared"),
-        "models": str(root / "models"), "metrics": str(root / "metrics"),
-        "reports": str(root / "reports"), "submissions": str(root / "submissions"),
+        "raw": str(root / "data" / "raw"),
+        "prepared": str(root / "data" / "prepared"),
+        "models": str(root / "models"),
+        "metrics": str(root / "metrics"),
+        "reports": str(root / "reports"),
+        "submissions": str(root / "submissions"),
         "experiments": str(exp_dir),
     }
     workspace = Workspace(root, root / "params.yaml")

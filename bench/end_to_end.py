@@ -35,22 +35,32 @@ STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--solution", type=Path,
-                        help="solution CSV (default: the shared solution.csv for mnist10k, "
-                             "generated for embedded, solution.csv next to a PATH.zip)")
-    parser.add_argument("--tracked-only", action="store_true",
-                        help="copy only files git tracks, as a fresh clone would have")
+    parser.add_argument(
+        "--solution",
+        type=Path,
+        help="solution CSV (default: the shared solution.csv for mnist10k, "
+        "generated for embedded, solution.csv next to a PATH.zip)",
+    )
+    parser.add_argument(
+        "--tracked-only",
+        action="store_true",
+        help="copy only files git tracks, as a fresh clone would have",
+    )
     return parser.parse_args()
 
 
 # -- the copy -------------------------------------------------------------------------------------
 def _git_files(args: list[str]) -> list[str]:
     try:
-        out = subprocess.run(["git", "-C", str(common.REPO), "ls-files", "-z", *args],
-                             capture_output=True, check=True)
+        out = subprocess.run(
+            ["git", "-C", str(common.REPO), "ls-files", "-z", *args],
+            capture_output=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
-        raise common.UserError(f"{common.REPO}: cannot list files with git ({exc}); "
-                               "run this from a git checkout") from None
+        raise common.UserError(
+            f"{common.REPO}: cannot list files with git ({exc}); run this from a git checkout"
+        ) from None
     return [name for name in out.stdout.decode().split("\0") if name]
 
 
@@ -58,19 +68,24 @@ def repo_files(tracked_only: bool, outputs: list[str]) -> list[str]:
     """What to copy: relative paths of existing files, outputs and `dvc.lock` left out."""
     names = set(_git_files([]))
     if not tracked_only:
-        untracked = [n for n in _git_files(["--others", "--exclude-standard"])
-                     if n != "dvc.lock" and not any(n == o or n.startswith(o.rstrip("/") + "/")
-                                                    for o in outputs)]
+        untracked = [
+            n
+            for n in _git_files(["--others", "--exclude-standard"])
+            if n != "dvc.lock"
+            and not any(n == o or n.startswith(o.rstrip("/") + "/") for o in outputs)
+        ]
         if untracked:
-            common.note(f"copying {len(untracked)} untracked file(s) too (--tracked-only "
-                        f"leaves them out): {', '.join(sorted(untracked)[:8])}"
-                        + (", ..." if len(untracked) > 8 else ""))
+            common.note(
+                f"copying {len(untracked)} untracked file(s) too (--tracked-only "
+                f"leaves them out): {', '.join(sorted(untracked)[:8])}"
+                + (", ..." if len(untracked) > 8 else "")
+            )
         names.update(untracked)
     return sorted(n for n in names if (common.REPO / n).is_file())
 
 
 def make_copy(dest: Path, tracked_only: bool) -> None:
-    paths = (common.read_params().get("paths") or {})
+    paths = common.read_params().get("paths") or {}
     outputs = [str(v) for k, v in paths.items() if k != "experiments" and v]
     for name in repo_files(tracked_only, outputs):
         target = dest / name
@@ -115,8 +130,12 @@ def environment(repo: Path, root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    env.update(DVC_NO_ANALYTICS="1", DVC_SITE_CACHE_DIR=str(root / "dvc-site-cache"),
-               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        DVC_SITE_CACHE_DIR=str(root / "dvc-site-cache"),
+        PYTHONUNBUFFERED="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
     return env
 
 
@@ -126,11 +145,18 @@ def repro(repo: Path, env: dict[str, str]) -> tuple[list[tuple[str, float]], flo
     tail: deque[str] = deque(maxlen=30)
     start = time.monotonic()
     try:
-        process = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
     except FileNotFoundError:
-        raise common.UserError(f"dvc not found next to {sys.executable}; install the "
-                               "project (make .venv/bin/ablate)") from None
+        raise common.UserError(
+            f"dvc not found next to {sys.executable}; install the project (make .venv/bin/ablate)"
+        ) from None
     assert process.stdout is not None
     for line in process.stdout:
         now = time.monotonic()
@@ -143,10 +169,13 @@ def repro(repo: Path, env: dict[str, str]) -> tuple[list[tuple[str, float]], flo
     code = process.wait()
     end = time.monotonic()
     if code != 0:
-        raise common.UserError(f"dvc repro failed (exit status {code}); its last lines:\n"
-                               + "\n".join(tail))
-    stages = [(name, (starts[i + 1][1] if i + 1 < len(starts) else end) - t)
-              for i, (name, t) in enumerate(starts)]
+        raise common.UserError(
+            f"dvc repro failed (exit status {code}); its last lines:\n" + "\n".join(tail)
+        )
+    stages = [
+        (name, (starts[i + 1][1] if i + 1 < len(starts) else end) - t)
+        for i, (name, t) in enumerate(starts)
+    ]
     return stages, end - start
 
 
@@ -170,8 +199,10 @@ def main() -> None:
             raise common.UserError(str(exc)) from None
     label = args.data if args.data in ("embedded", "mnist10k") else Path(args.data).name
     per_stage = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stages)
-    print(f"end_to_end data={label}{' ' + shown if shown else ''}: {result} | total "
-          f"{total:.0f} s | {per_stage}")
+    print(
+        f"end_to_end data={label}{' ' + shown if shown else ''}: {result} | total "
+        f"{total:.0f} s | {per_stage}"
+    )
 
 
 if __name__ == "__main__":

@@ -28,14 +28,22 @@ MB = 1024 * 1024
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--trials", type=int, default=30,
-                        help="trials run in this process (default: %(default)s)")
-    parser.add_argument("--mode", choices=("sweep", "train"), default="sweep",
-                        help="sweep: the joint study through pipeline.sweep; train: a bare "
-                             "train() loop (default: %(default)s)")
-    parser.add_argument("--experiment", default="joint",
-                        help="the study for --mode sweep; it needs a TPE or random sampler "
-                             "to hold --trials trials (default: %(default)s)")
+    parser.add_argument(
+        "--trials", type=int, default=30, help="trials run in this process (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("sweep", "train"),
+        default="sweep",
+        help="sweep: the joint study through pipeline.sweep; train: a bare "
+        "train() loop (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default="joint",
+        help="the study for --mode sweep; it needs a TPE or random sampler "
+        "to hold --trials trials (default: %(default)s)",
+    )
     return parser.parse_args()
 
 
@@ -58,7 +66,8 @@ def sweep_trials(args, workspace, n_trials: int):
         if job.experiment.n_trials < n_trials:
             raise common.UserError(
                 f"experiment {args.experiment} holds only {job.experiment.n_trials} trials "
-                f"(a grid is capped at its size); use --experiment joint for {n_trials}")
+                f"(a grid is capped at its size); use --experiment joint for {n_trials}"
+            )
         tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
         study = job.open_study(create=True)
         parent_id = sweep.parent_run(job, study, tracker)
@@ -66,8 +75,11 @@ def sweep_trials(args, workspace, n_trials: int):
         for _ in range(n_trials):
             if workers.work(job, study, tracker, parent_id, max_trials=1) == 0:
                 return
-            finished = [t for t in study.optuna.get_trials(deepcopy=False)
-                        if t.state.is_finished() and t.datetime_complete]
+            finished = [
+                t
+                for t in study.optuna.get_trials(deepcopy=False)
+                if t.state.is_finished() and t.datetime_complete
+            ]
             last = max(finished, key=lambda t: t.datetime_complete)
             epochs = last.user_attrs.get("epochs_run", 0)
             size = last.user_attrs.get("n_params", 0) if epochs else 0
@@ -118,11 +130,13 @@ def main() -> None:
         raise common.UserError(f"only {len(rss)} trial(s) ran; nothing to compare")
 
     growth = rss[-1] - rss[0]
-    print(f"memory mode={args.mode} data={label} trials={len(rss)}: RSS after trial 1 "
-          f"{rss[0]:.1f} MB, after trial {len(rss)} {rss[-1]:.1f} MB, growth {growth:+.1f} MB "
-          f"(target <= {TARGET_GROWTH_MB:g} MB: {common.verdict(growth <= TARGET_GROWTH_MB)}), "
-          f"slope {common.slope(rss):+.2f} MB/trial, peak {max(rss):.1f} MB"
-          f"{since_largest(rss, sizes)}")
+    print(
+        f"memory mode={args.mode} data={label} trials={len(rss)}: RSS after trial 1 "
+        f"{rss[0]:.1f} MB, after trial {len(rss)} {rss[-1]:.1f} MB, growth {growth:+.1f} MB "
+        f"(target <= {TARGET_GROWTH_MB:g} MB: {common.verdict(growth <= TARGET_GROWTH_MB)}), "
+        f"slope {common.slope(rss):+.2f} MB/trial, peak {max(rss):.1f} MB"
+        f"{since_largest(rss, sizes)}"
+    )
 
 
 def since_largest(rss: list[float], sizes: list[int]) -> str:
@@ -132,9 +146,11 @@ def since_largest(rss: list[float], sizes: list[int]) -> str:
     if largest == 0 or len(rss) - largest < 3:
         return ""
     tail = rss[largest:]
-    return (f"; from trial {largest + 1} (the largest model, {sizes[largest]:,} parameters) "
-            f"to {len(rss)}: {tail[-1] - tail[0]:+.1f} MB, slope {common.slope(tail):+.2f} "
-            "MB/trial")
+    return (
+        f"; from trial {largest + 1} (the largest model, {sizes[largest]:,} parameters) "
+        f"to {len(rss)}: {tail[-1] - tail[0]:+.1f} MB, slope {common.slope(tail):+.2f} "
+        "MB/trial"
+    )
 
 
 if __name__ == "__main__":

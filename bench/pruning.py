@@ -30,9 +30,12 @@ TARGET_POINTS = 0.3
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--trials", type=int,
-                        help="trial budget of both studies (default: n_trials of "
-                             f"experiments/{EXPERIMENT}.yaml, or sweep.n_trials)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        help="trial budget of both studies (default: n_trials of "
+        f"experiments/{EXPERIMENT}.yaml, or sweep.n_trials)",
+    )
     return parser.parse_args()
 
 
@@ -47,10 +50,12 @@ def run(label: str, root, data, raw, changes: dict) -> dict:
 
 
 def describe(summary: dict) -> str:
-    return (f"{summary['epochs_run']} epochs, {summary['wall_seconds']:.0f} s of trials "
-            f"({summary['total_seconds']:.0f} s total), best {summary['best_value']:.4f}, "
-            f"{summary['n_complete']} complete/{summary['n_stopped']} pruned/"
-            f"{summary['n_rejected']} rejected/{summary['n_failed']} failed")
+    return (
+        f"{summary['epochs_run']} epochs, {summary['wall_seconds']:.0f} s of trials "
+        f"({summary['total_seconds']:.0f} s total), best {summary['best_value']:.4f}, "
+        f"{summary['n_complete']} complete/{summary['n_stopped']} pruned/"
+        f"{summary['n_rejected']} rejected/{summary['n_failed']} failed"
+    )
 
 
 def main() -> None:
@@ -68,10 +73,12 @@ def main() -> None:
     wall_ratio = pruned["wall_seconds"] / max(unpruned["wall_seconds"], 1e-9)
     points = 100 * (unpruned["best_value"] - pruned["best_value"])
     ok = epoch_ratio <= TARGET_EPOCH_RATIO and points <= TARGET_POINTS
-    print(f"pruning data={label} trials={pruned['n_trials']}: pruned {describe(pruned)} | "
-          f"unpruned {describe(unpruned)} | epochs ratio {epoch_ratio:.2f}, wall ratio "
-          f"{wall_ratio:.2f}, best {points:+.2f} points behind (targets <= "
-          f"{TARGET_EPOCH_RATIO}x epochs, <= {TARGET_POINTS} points: {common.verdict(ok)})")
+    print(
+        f"pruning data={label} trials={pruned['n_trials']}: pruned {describe(pruned)} | "
+        f"unpruned {describe(unpruned)} | epochs ratio {epoch_ratio:.2f}, wall ratio "
+        f"{wall_ratio:.2f}, best {points:+.2f} points behind (targets <= "
+        f"{TARGET_EPOCH_RATIO}x epochs, <= {TARGET_POINTS} points: {common.verdict(ok)})"
+    )
 
 
 if __name__ == "__main__":

@@ -29,16 +29,29 @@ EXPERIMENT = "padding"
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--repeats", type=int, default=4,
-                        help="seeds per padding level: 2 x REPEATS trials (default: %(default)s)")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="worker processes of the second run (default: %(default)s)")
-    parser.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test",
-                        help="an existing database to connect to and create the throwaway "
-                             "storage databases from (default: %(default)s)")
-    parser.add_argument("--tracking-uri",
-                        help="MLflow tracking server for both runs (default: a SQLite store "
-                             "in each run's workspace)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=4,
+        help="seeds per padding level: 2 x REPEATS trials (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="worker processes of the second run (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="an existing database to connect to and create the throwaway "
+        "storage databases from (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking server for both runs (default: a SQLite store "
+        "in each run's workspace)",
+    )
     return parser.parse_args()
 
 
@@ -52,9 +65,13 @@ class Databases:
         self._parts = parts
         try:
             self._admin = psycopg2.connect(
-                host=parts.hostname, port=parts.port or 5432, user=parts.username,
-                password=parts.password, dbname=parts.path.lstrip("/") or "postgres",
-                connect_timeout=5)
+                host=parts.hostname,
+                port=parts.port or 5432,
+                user=parts.username,
+                password=parts.password,
+                dbname=parts.path.lstrip("/") or "postgres",
+                connect_timeout=5,
+            )
         except psycopg2.Error as exc:
             raise common.UserError(f"--postgres {admin_url}: {str(exc).strip()}") from None
         self._admin.autocommit = True  # CREATE DATABASE cannot run in a transaction
@@ -75,18 +92,37 @@ class Databases:
         self._admin.close()
 
 
-def run_sweep(workspace: common.Workspace, storage: str, tracking_uri: str,
-              n_workers: int) -> float:
+def run_sweep(
+    workspace: common.Workspace, storage: str, tracking_uri: str, n_workers: int
+) -> float:
     """`ablate sweep --n-workers N` of this checkout as a fresh process; wall seconds."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "pipeline.cli", "sweep", "--params",
-               str(workspace.params_path), "--experiment", EXPERIMENT, "--storage", storage,
-               "--tracking-uri", tracking_uri, "--n-workers", str(n_workers)]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(common.REPO), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "sweep",
+        "--params",
+        str(workspace.params_path),
+        "--experiment",
+        EXPERIMENT,
+        "--storage",
+        storage,
+        "--tracking-uri",
+        tracking_uri,
+        "--n-workers",
+        str(n_workers),
+    ]
     log = workspace.root / "sweep.log"
     with log.open("w") as out, common.Stopwatch() as clock:
-        code = subprocess.run(command, cwd=workspace.root, env=env, stdout=out,
-                              stderr=subprocess.STDOUT, check=False).returncode
+        code = subprocess.run(
+            command, cwd=workspace.root, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
+        ).returncode
     if code != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise common.UserError(f"ablate sweep --n-workers {n_workers} exited {code}:\n{tail}")
@@ -117,26 +153,33 @@ def main() -> None:
         with common.temporary_folder("bench-scale-out-", args.keep) as root:
             for n_workers in (1, args.workers):
                 workspace = common.make_workspace(
-                    Path(root) / f"workers-{n_workers}", data, raw,
-                    experiments={EXPERIMENT: {"repeats": args.repeats, "n_trials": n_trials}})
+                    Path(root) / f"workers-{n_workers}",
+                    data,
+                    raw,
+                    experiments={EXPERIMENT: {"repeats": args.repeats, "n_trials": n_trials}},
+                )
                 storage = databases.create()
                 common.note(f"{n_workers} worker(s): {n_trials} trials, storage {storage}")
-                seconds = run_sweep(workspace, storage,
-                                    args.tracking_uri or workspace.tracking_uri, n_workers)
+                seconds = run_sweep(
+                    workspace, storage, args.tracking_uri or workspace.tracking_uri, n_workers
+                )
                 span, done = trials_span(workspace)
                 if done != n_trials:
-                    raise common.UserError(f"{n_workers} worker(s): {done} of {n_trials} "
-                                           "trials finished")
+                    raise common.UserError(
+                        f"{n_workers} worker(s): {done} of {n_trials} trials finished"
+                    )
                 results[n_workers] = (seconds, span)
                 common.note(f"{n_workers} worker(s): {seconds:.1f} s in all, trials {span:.1f} s")
     finally:
         databases.close()
 
     (one, one_span), (many, many_span) = results[1], results[args.workers]
-    print(f"scale_out data={label} trials={n_trials} epochs={params.epochs} cpus={os.cpu_count()}: "
-          f"1 worker {one:.1f} s, {args.workers} workers {many:.1f} s, ratio {many / one:.2f} "
-          f"(ideal {1 / args.workers:.2f}); trials alone {one_span:.1f} s vs {many_span:.1f} s, "
-          f"ratio {many_span / one_span:.2f}")
+    print(
+        f"scale_out data={label} trials={n_trials} epochs={params.epochs} cpus={os.cpu_count()}: "
+        f"1 worker {one:.1f} s, {args.workers} workers {many:.1f} s, ratio {many / one:.2f} "
+        f"(ideal {1 / args.workers:.2f}); trials alone {one_span:.1f} s vs {many_span:.1f} s, "
+        f"ratio {many_span / one_span:.2f}"
+    )
 
 
 if __name__ == "__main__":

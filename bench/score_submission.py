@@ -49,8 +49,10 @@ def read_labels(path: Path) -> pd.DataFrame:
         detail = str(exc).strip().splitlines()[-1]
         raise ScoreError(f"{path}: not a readable CSV ({detail})") from None
     if frame.shape[1] != 2:
-        raise ScoreError(f"{path}: expected two columns (id, label), found {frame.shape[1]}: "
-                         f"{', '.join(map(str, frame.columns))}")
+        raise ScoreError(
+            f"{path}: expected two columns (id, label), found {frame.shape[1]}: "
+            f"{', '.join(map(str, frame.columns))}"
+        )
     if frame.empty:
         raise ScoreError(f"{path}: has a header but no rows")
     frame = frame.apply(lambda column: column.str.strip())
@@ -58,8 +60,9 @@ def read_labels(path: Path) -> pd.DataFrame:
     for column in (id_column, label_column):
         blank = frame[column] == ""
         if blank.any():
-            raise ScoreError(f"{path}: line {int(blank.to_numpy().argmax()) + 2}, column "
-                             f"{column}: missing value")
+            raise ScoreError(
+                f"{path}: line {int(blank.to_numpy().argmax()) + 2}, column {column}: missing value"
+            )
     duplicated = frame[id_column].duplicated()
     if duplicated.any():
         row = int(duplicated.to_numpy().argmax())
@@ -80,8 +83,10 @@ def _canonical(values: pd.Series) -> pd.Series:
 def score(submission_path: Path, solution_path: Path) -> Score:
     submission, solution = read_labels(submission_path), read_labels(solution_path)
     if list(submission.columns) != list(solution.columns):
-        raise ScoreError(f"{submission_path} has columns {', '.join(submission.columns)} but "
-                         f"{solution_path} has {', '.join(solution.columns)}; they must match")
+        raise ScoreError(
+            f"{submission_path} has columns {', '.join(submission.columns)} but "
+            f"{solution_path} has {', '.join(solution.columns)}; they must match"
+        )
     id_column, label_column = solution.columns
     sub_ids = _canonical(submission[id_column])
     sol_ids = _canonical(solution[id_column])
@@ -93,8 +98,10 @@ def score(submission_path: Path, solution_path: Path) -> Score:
             parts.append(f"{len(missing)} id(s) of the solution missing (e.g. {missing[0]})")
         if extra:
             parts.append(f"{len(extra)} id(s) not in the solution (e.g. {extra[0]})")
-        raise ScoreError(f"{submission_path} ({len(submission)} rows) and {solution_path} "
-                         f"({len(solution)} rows) hold different ids: " + "; ".join(parts))
+        raise ScoreError(
+            f"{submission_path} ({len(submission)} rows) and {solution_path} "
+            f"({len(solution)} rows) hold different ids: " + "; ".join(parts)
+        )
     predicted = pd.Series(_canonical(submission[label_column]).to_numpy(), index=sub_ids)
     truth = pd.Series(_canonical(solution[label_column]).to_numpy(), index=sol_ids)
     correct = int((predicted.loc[truth.index].to_numpy() == truth.to_numpy()).sum())
@@ -109,8 +116,9 @@ def _sort_key(value: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("submission", type=Path, help="the submission CSV (id, label)")
     parser.add_argument("solution", type=Path, help="the solution CSV (id, label)")
     args = parser.parse_args(argv)

@@ -23,10 +23,18 @@ TARGET_RATIO = 1.03
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs of each kind, alternating (default: %(default)s)")
-    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
-                        help="skip the untimed warm-up run of each kind")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of each kind, alternating (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the untimed warm-up run of each kind",
+    )
     return parser.parse_args()
 
 
@@ -42,8 +50,10 @@ def main() -> None:
     from pipeline.tracking import Tracker
     from pipeline.train import train, train_tracked
 
-    with common.temporary_folder("bench-tracking-", args.keep) as root, \
-            common.working_directory(root):
+    with (
+        common.temporary_folder("bench-tracking-", args.keep) as root,
+        common.working_directory(root),
+    ):
         tracker = Tracker.connect(f"sqlite:///{root / 'mlflow.db'}", "bench-tracking-overhead")
         checkpoint = Path(root) / "models" / "best.keras"
 
@@ -66,24 +76,29 @@ def main() -> None:
                     result = run()
                 seconds[kind].append(clock.seconds)
                 fit_seconds[kind].append(result.metrics["train_seconds"])
-                common.note(f"repeat {repeat + 1}/{args.repeats} {kind}: {clock.seconds:.2f} s "
-                            f"(fit {result.metrics['train_seconds']:.2f} s, "
-                            f"{result.metrics['epochs_run']} epochs)")
+                common.note(
+                    f"repeat {repeat + 1}/{args.repeats} {kind}: {clock.seconds:.2f} s "
+                    f"(fit {result.metrics['train_seconds']:.2f} s, "
+                    f"{result.metrics['epochs_run']} epochs)"
+                )
 
         run_id = tracker.start_run("bench-log-keras-model")
         with common.Stopwatch() as clock:
-            tracker.log_keras_model(run_id, result.model, data.x_val[:5],
-                                    registered_name="bench-tracking-overhead")
+            tracker.log_keras_model(
+                run_id, result.model, data.x_val[:5], registered_name="bench-tracking-overhead"
+            )
         tracker.end_run(run_id)
         log_model_seconds = clock.seconds
 
     bare_s, tracked_s = common.median(seconds["bare"]), common.median(seconds["tracked"])
     ratio = tracked_s / bare_s
     fit_ratio = common.median(fit_seconds["tracked"]) / common.median(fit_seconds["bare"])
-    print(f"tracking_overhead data={label} repeats={args.repeats} epochs={params.epochs}: "
-          f"bare {bare_s:.2f} s, tracked {tracked_s:.2f} s (median), ratio {ratio:.3f} "
-          f"(target <= {TARGET_RATIO}: {common.verdict(ratio <= TARGET_RATIO)}); "
-          f"fit alone ratio {fit_ratio:.3f}; log_keras_model+register {log_model_seconds:.2f} s")
+    print(
+        f"tracking_overhead data={label} repeats={args.repeats} epochs={params.epochs}: "
+        f"bare {bare_s:.2f} s, tracked {tracked_s:.2f} s (median), ratio {ratio:.3f} "
+        f"(target <= {TARGET_RATIO}: {common.verdict(ratio <= TARGET_RATIO)}); "
+        f"fit alone ratio {fit_ratio:.3f}; log_keras_model+register {log_model_seconds:.2f} s"
+    )
 
 
 if __name__ == "__main__":

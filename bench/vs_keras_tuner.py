@@ -50,18 +50,26 @@ TUNERS = ("hyperband", "random")
 
 def parse_args():
     parser = common.make_parser(__doc__)
-    parser.add_argument("--trials", type=int,
-                        help="trial budget (default: n_trials of experiments/joint.yaml, or "
-                             "sweep.n_trials)")
-    parser.add_argument("--joint-trials", type=int,
-                        help="our study's trial budget instead (default: the same as --trials); "
-                             "Keras Tuner's epoch budget stays trials x train.epochs. Pruned "
-                             "trials cost few epochs, so this spends the same budget or time")
-    parser.add_argument("--tuners", default=",".join(TUNERS),
-                        help="Keras Tuner methods to run, comma-separated (default: "
-                             "%(default)s)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="Keras Tuner's seed (default: %(default)s)")
+    parser.add_argument(
+        "--trials",
+        type=int,
+        help="trial budget (default: n_trials of experiments/joint.yaml, or sweep.n_trials)",
+    )
+    parser.add_argument(
+        "--joint-trials",
+        type=int,
+        help="our study's trial budget instead (default: the same as --trials); "
+        "Keras Tuner's epoch budget stays trials x train.epochs. Pruned "
+        "trials cost few epochs, so this spends the same budget or time",
+    )
+    parser.add_argument(
+        "--tuners",
+        default=",".join(TUNERS),
+        help="Keras Tuner methods to run, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Keras Tuner's seed (default: %(default)s)"
+    )
     return parser.parse_args()
 
 
@@ -69,17 +77,22 @@ def require_keras_tuner():
     try:
         import keras_tuner
     except ImportError:
-        print("error: keras-tuner is not installed; install the bench extra: "
-              "pip install -e '.[bench]'  (or: pip install keras-tuner tensorboard)",
-              file=sys.stderr)
+        print(
+            "error: keras-tuner is not installed; install the bench extra: "
+            "pip install -e '.[bench]'  (or: pip install keras-tuner tensorboard)",
+            file=sys.stderr,
+        )
         sys.exit(common.EXIT_USER_ERROR)
     try:
         # keras-tuner imports it for every trial on the TensorFlow backend but does not
         # declare it; without it every trial fails.
         import tensorboard  # noqa: F401
     except ImportError:
-        print("error: keras-tuner needs tensorboard on the TensorFlow backend: "
-              "pip install tensorboard", file=sys.stderr)
+        print(
+            "error: keras-tuner needs tensorboard on the TensorFlow backend: "
+            "pip install tensorboard",
+            file=sys.stderr,
+        )
         sys.exit(common.EXIT_USER_ERROR)
     return keras_tuner
 
@@ -96,8 +109,9 @@ def make_hypermodel(kt, spec, base, train_params, data):
             if isinstance(levels, Range):
                 sampling = "log" if levels.log else "linear"
                 if FACTORS[name].kind is int:
-                    values[name] = hp.Int(name, int(levels.low), int(levels.high),
-                                          sampling=sampling)
+                    values[name] = hp.Int(
+                        name, int(levels.low), int(levels.high), sampling=sampling
+                    )
                 else:
                     values[name] = hp.Float(name, levels.low, levels.high, sampling=sampling)
             else:
@@ -158,14 +172,24 @@ def run_tuner(kt, name: str, args, root, spec, base, train_params, data, budget:
     keras.utils.set_random_seed(train_params.seed)
     _quiet_failed_trials(args.verbose)
     build = make_hypermodel(kt, spec, base, train_params, data)
-    common_kwargs = dict(objective=kt.Objective(spec.objective, spec.direction[:3]),
-                         seed=args.seed, directory=str(root / "keras-tuner"), project_name=name,
-                         overwrite=True, max_consecutive_failed_trials=10**6)
+    common_kwargs = dict(
+        objective=kt.Objective(spec.objective, spec.direction[:3]),
+        seed=args.seed,
+        directory=str(root / "keras-tuner"),
+        project_name=name,
+        overwrite=True,
+        max_consecutive_failed_trials=10**6,
+    )
     if name == "hyperband":
         per_iteration = hyperband_epochs(train_params.epochs, 3)
         iterations = max(1, round(budget / per_iteration))
-        tuner = kt.Hyperband(build, max_epochs=train_params.epochs, factor=3,
-                             hyperband_iterations=iterations, **common_kwargs)
+        tuner = kt.Hyperband(
+            build,
+            max_epochs=train_params.epochs,
+            factor=3,
+            hyperband_iterations=iterations,
+            **common_kwargs,
+        )
         plan = f"{iterations} iteration(s) of ~{per_iteration} planned epochs"
     else:
         tuner = kt.RandomSearch(build, max_trials=spec.n_trials, **common_kwargs)
@@ -173,23 +197,36 @@ def run_tuner(kt, name: str, args, root, spec, base, train_params, data, budget:
     common.note(f"{name}: {plan} (budget {budget} epochs)")
     train_ds, val_ds = make_datasets(data, train_params.batch_size, train_params.seed)
     counts = {"epochs": 0}
-    stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=train_params.patience,
-                                            restore_best_weights=True)
+    stopper = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=train_params.patience, restore_best_weights=True
+    )
     with common.Stopwatch() as clock, contextlib.redirect_stdout(sys.stderr):
-        tuner.search(train_ds, validation_data=val_ds, epochs=train_params.epochs,
-                     callbacks=[stopper, _epoch_counter(keras, counts)], shuffle=False,
-                     verbose=0)
+        tuner.search(
+            train_ds,
+            validation_data=val_ds,
+            epochs=train_params.epochs,
+            callbacks=[stopper, _epoch_counter(keras, counts)],
+            shuffle=False,
+            verbose=0,
+        )
     trials = list(tuner.oracle.trials.values())
     not_trained = [t for t in trials if t.status != "COMPLETED"]
     broken = [t for t in not_trained if "rejected before training" not in (t.message or "")]
     if broken:  # Keras Tuner logs these and carries on; a benchmark must not
         last = (broken[0].message or "no message").strip().splitlines()[-1]
-        raise RuntimeError(f"{name}: {len(broken)} trial(s) failed for another reason than "
-                           f"a rejected config, e.g. trial {broken[0].trial_id}: {last}")
+        raise RuntimeError(
+            f"{name}: {len(broken)} trial(s) failed for another reason than "
+            f"a rejected config, e.g. trial {broken[0].trial_id}: {last}"
+        )
     failed = len(not_trained)
     best = tuner.oracle.get_best_trials(1)
-    result = {"best": best[0].score if best else None, "seconds": clock.seconds,
-              "trials": len(trials), "failed": failed, "epochs": counts["epochs"]}
+    result = {
+        "best": best[0].score if best else None,
+        "seconds": clock.seconds,
+        "trials": len(trials),
+        "failed": failed,
+        "epochs": counts["epochs"],
+    }
     common.note(f"{name}: {describe(result)}")
     return result
 
@@ -201,10 +238,15 @@ def run_joint(root, data, raw) -> tuple[dict, object]:
     summary, seconds = common.run_sweep(workspace, EXPERIMENT)
     study = common.load_study(workspace, EXPERIMENT)
     seen = [v for t in study.get_trials(deepcopy=False) for v in t.intermediate_values.values()]
-    result = {"best": summary["best_value"], "best_any_epoch": max(seen, default=None),
-              "seconds": seconds, "trial_seconds": summary["wall_seconds"],
-              "trials": summary["n_trials"], "failed": summary["n_rejected"],
-              "epochs": summary["epochs_run"]}
+    result = {
+        "best": summary["best_value"],
+        "best_any_epoch": max(seen, default=None),
+        "seconds": seconds,
+        "trial_seconds": summary["wall_seconds"],
+        "trials": summary["n_trials"],
+        "failed": summary["n_rejected"],
+        "epochs": summary["epochs_run"],
+    }
     common.note(f"joint: {describe(result)}")
     return result, workspace
 
@@ -217,8 +259,10 @@ def describe(result: dict) -> str:
     text += f", {result['seconds']:.0f} s"
     if "trial_seconds" in result:
         text += f" ({result['trial_seconds']:.0f} s of trials)"
-    return (f"{text}, {result['trials']} trials ({result['failed']} not trained), "
-            f"{result['epochs']} epochs")
+    return (
+        f"{text}, {result['trials']} trials ({result['failed']} not trained), "
+        f"{result['epochs']} epochs"
+    )
 
 
 def main() -> None:
@@ -244,16 +288,18 @@ def main() -> None:
         joint_raw = raw
         if args.joint_trials is not None:
             joint_raw = common.apply_overrides(
-                copy.deepcopy(raw), common.overrides_with_trials([], args.joint_trials))
+                copy.deepcopy(raw), common.overrides_with_trials([], args.joint_trials)
+            )
         results["joint"], _ = run_joint(root, data, joint_raw)
         for name in tuners:
-            results[name] = run_tuner(kt, name, args, root, spec, base, train_params, data,
-                                      budget)
+            results[name] = run_tuner(kt, name, args, root, spec, base, train_params, data, budget)
     parts = [f"{name}: {describe(result)}" for name, result in results.items()]
     verdicts = [f"vs {name} {verdict(results['joint'], results[name])}" for name in tuners]
-    print(f"vs_keras_tuner data={label} budget={spec.n_trials}x{train_params.epochs}="
-          f"{budget} epochs | " + " | ".join(parts) + " | target: best >= theirs in <= their "
-          "wall time: " + ", ".join(verdicts))
+    print(
+        f"vs_keras_tuner data={label} budget={spec.n_trials}x{train_params.epochs}="
+        f"{budget} epochs | " + " | ".join(parts) + " | target: best >= theirs in <= their "
+        "wall time: " + ", ".join(verdicts)
+    )
 
 
 def verdict(joint: dict, theirs: dict) -> str:

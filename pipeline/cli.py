@@ -22,8 +22,9 @@ EXIT_USER_ERROR = 2
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--params", default="params.yaml",
-                        help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--params", default="params.yaml", help="params file (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,17 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri)")
     p.add_argument("--n-workers", type=int, help="worker processes (default: sweep.n_workers)")
 
-    p = sub.add_parser("worker",
-                       help="join an existing study and run trials until its budget is spent")
+    p = sub.add_parser(
+        "worker", help="join an existing study and run trials until its budget is spent"
+    )
     _add_params(p)
     p.add_argument("--experiment", required=True, help="experiment name, e.g. joint")
     p.add_argument("--storage", help="Optuna storage URL shared by all workers")
     p.add_argument("--tracking-uri", help="MLflow tracking server shared by all workers")
-    p.add_argument("--wait", type=float, default=600.0,
-                   help="seconds to wait for the study to be created (default: %(default)s)")
-    p.add_argument("--max-trials", type=int,
-                   help="exit after this many trials (a process manager restarts the worker; "
-                        "bounds a long-lived process's memory)")
+    p.add_argument(
+        "--wait",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the study to be created (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-trials",
+        type=int,
+        help="exit after this many trials (a process manager restarts the worker; "
+        "bounds a long-lived process's memory)",
+    )
 
     p = sub.add_parser("report", help="summarise the studies into reports/ablation.md")
     _add_params(p)
@@ -77,8 +86,16 @@ def _configure_logging(verbose: bool) -> None:
         format="%(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("tensorflow", "absl", "alembic", "mlflow", "urllib3", "optuna", "h5py",
-                  "matplotlib"):
+    for noisy in (
+        "tensorflow",
+        "absl",
+        "alembic",
+        "mlflow",
+        "urllib3",
+        "optuna",
+        "h5py",
+        "matplotlib",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own at import
@@ -164,8 +181,13 @@ def _submit(config: Config, args: argparse.Namespace) -> None:
 
 
 COMMANDS: dict[str, Callable[[Config, argparse.Namespace], None]] = {
-    "fetch": _fetch, "prepare": _prepare, "train": _train, "sweep": _sweep,
-    "worker": _worker, "report": _report, "submit": _submit,
+    "fetch": _fetch,
+    "prepare": _prepare,
+    "train": _train,
+    "sweep": _sweep,
+    "worker": _worker,
+    "report": _report,
+    "submit": _submit,
 }
 
 

@@ -61,8 +61,13 @@ class Config:
     submit: SubmitParams
     experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS
 
-    def override(self, *, storage: str | None = None, tracking_uri: str | None = None,
-                 n_workers: int | None = None) -> Config:
+    def override(
+        self,
+        *,
+        storage: str | None = None,
+        tracking_uri: str | None = None,
+        n_workers: int | None = None,
+    ) -> Config:
         """This config with the command line's `--storage`, `--tracking-uri` and
         `--n-workers` in place of the file's values (None keeps the file's)."""
         sweep, tracking = self.sweep, self.tracking
@@ -96,19 +101,23 @@ def read_params(path: str | Path) -> dict[str, Any]:
     allowed = {*SECTIONS, "model", "experiments"}
     unknown = set(data) - allowed
     if unknown:
-        raise UserError(f"{path}: unknown section(s) {sorted(unknown)}; "
-                        f"allowed: {', '.join(sorted(allowed))}")
+        raise UserError(
+            f"{path}: unknown section(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
     return data
 
 
 def load_config(path: str | Path = "params.yaml") -> Config:
     """The whole validated config in `path` (defaults for missing sections and keys)."""
     raw = read_params(path)
-    sections = {name: from_dict(cls, raw.get(name) or {}, f"{path}: {name}")
-                for name, cls in SECTIONS.items()}
+    sections = {
+        name: from_dict(cls, raw.get(name) or {}, f"{path}: {name}")
+        for name, cls in SECTIONS.items()
+    }
     model = ModelConfig.from_dict(raw.get("model") or {}, f"{path}: model")
-    experiments = _experiment_names(raw.get("experiments", list(DEFAULT_EXPERIMENTS)),
-                                    f"{path}: experiments")
+    experiments = _experiment_names(
+        raw.get("experiments", list(DEFAULT_EXPERIMENTS)), f"{path}: experiments"
+    )
     return Config(source=Path(path), model=model, experiments=experiments, **sections)
 
 
@@ -117,8 +126,10 @@ def _experiment_names(value: Any, where: str) -> tuple[str, ...]:
         raise UserError(f"{where}: expected a list of experiment names, e.g. [padding, joint]")
     for name in value:
         if not isinstance(name, str) or not NAME.match(name):
-            raise UserError(f"{where}: {name!r} is not an experiment name (the stem of a file "
-                            "in the experiments folder, e.g. padding)")
+            raise UserError(
+                f"{where}: {name!r} is not an experiment name (the stem of a file "
+                "in the experiments folder, e.g. padding)"
+            )
     if len(set(value)) != len(value):
         raise UserError(f"{where}: names must be distinct; got {value}")
     return tuple(value)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import plots
+from pipeline.dataset import Dataset
 from pipeline.model import predict_labels
-from pipeline.prepare import Dataset
 
 
 def model_summary(model) -> str:
@@ -20,8 +20,9 @@ def model_summary(model) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_diagnostics(model, history: dict[str, list[float]], data: Dataset,
-                      folder: Path) -> list[Path]:
+def write_diagnostics(
+    model, history: dict[str, list[float]], data: Dataset, folder: Path
+) -> list[Path]:
     """Write every diagnostic of `model` into `folder`; returns the files written."""
     from sklearn.metrics import confusion_matrix
 
@@ -41,11 +42,15 @@ def _first_layer(model, conv, data: Dataset, folder: Path) -> list[Path]:
     import keras
 
     kernels = np.asarray(conv.get_weights()[0])  # (k, k, in, filters)
-    written = [plots.image_grid(np.moveaxis(kernels[:, :, 0, :], -1, 0),
-                                folder / "conv0_kernels.png", "conv0 kernels")]
+    written = [
+        plots.image_grid(
+            np.moveaxis(kernels[:, :, 0, :], -1, 0), folder / "conv0_kernels.png", "conv0 kernels"
+        )
+    ]
     probe = keras.Model(model.inputs, model.get_layer("act0").output)
     maps = np.asarray(probe.predict(data.x_val[:1], verbose=0))[0]
     title = f"conv0 feature maps (validation image, label {data.y_val[0]})"
-    written.append(plots.image_grid(np.moveaxis(maps, -1, 0),
-                                    folder / "conv0_feature_maps.png", title))
+    written.append(
+        plots.image_grid(np.moveaxis(maps, -1, 0), folder / "conv0_feature_maps.png", title)
+    )
     return written

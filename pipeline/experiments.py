@@ -50,8 +50,11 @@ def _factors() -> dict[str, Factor]:
     model = typing.get_type_hints(ModelConfig)
     factors = {name: _factor("block", hint) for name, hint in block.items() if name != "filters"}
     factors["width"] = Factor("model", float)
-    factors |= {name: _factor("model", hint) for name, hint in model.items()
-                if name not in ("blocks", "dense_units")}
+    factors |= {
+        name: _factor("model", hint)
+        for name, hint in model.items()
+        if name not in ("blocks", "dense_units")
+    }
     factors["seed"] = Factor("train", int)
     return factors
 
@@ -59,8 +62,17 @@ def _factors() -> dict[str, Factor]:
 FACTORS: dict[str, Factor] = _factors()
 SAMPLERS = ("grid", "tpe", "random")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
-KEYS = ("description", "factors", "repeats", "sampler", "pruner", "n_trials", "objective",
-        "direction", "base_level")
+KEYS = (
+    "description",
+    "factors",
+    "repeats",
+    "sampler",
+    "pruner",
+    "n_trials",
+    "objective",
+    "direction",
+    "base_level",
+)
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,15 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "factors": {k: (dataclasses.asdict(v) if isinstance(v, Range) else list(v))
-                        for k, v in self.factors.items()},
-            "sampler": self.sampler, "pruner": self.pruner, "repeats": self.repeats,
-            "objective": self.objective, "direction": self.direction,
+            "factors": {
+                k: (dataclasses.asdict(v) if isinstance(v, Range) else list(v))
+                for k, v in self.factors.items()
+            },
+            "sampler": self.sampler,
+            "pruner": self.pruner,
+            "repeats": self.repeats,
+            "objective": self.objective,
+            "direction": self.direction,
         }
 
 
@@ -117,12 +134,16 @@ def _levels(name: str, raw: Any, where: str) -> tuple | Range:
     if isinstance(raw, dict):
         unknown = set(raw) - {"low", "high", "log"}
         if unknown or "low" not in raw or "high" not in raw or factor.kind is str:
-            raise UserError(f"{where}: a range needs low and high (and optional log: true), "
-                            f"for a numeric factor; got {raw!r}")
+            raise UserError(
+                f"{where}: a range needs low and high (and optional log: true), "
+                f"for a numeric factor; got {raw!r}"
+            )
         kinds = (int,) if factor.kind is int else (int, float)
         if any(isinstance(raw[k], bool) or not isinstance(raw[k], kinds) for k in ("low", "high")):
-            raise UserError(f"{where}: low and high must be "
-                            f"{'integers' if factor.kind is int else 'numbers'}; got {raw!r}")
+            raise UserError(
+                f"{where}: low and high must be "
+                f"{'integers' if factor.kind is int else 'numbers'}; got {raw!r}"
+            )
         if not raw["low"] < raw["high"]:
             raise UserError(f"{where}: low must be below high; got {raw!r}")
         if raw.get("log") and raw["low"] <= 0:
@@ -133,10 +154,13 @@ def _levels(name: str, raw: Any, where: str) -> tuple | Range:
     levels = []
     for level in raw:
         if factor.allowed is not None and level not in factor.allowed:
-            raise UserError(f"{where}: level {level!r} is not allowed; use one of "
-                            f"{', '.join(map(str, factor.allowed))}")
-        if factor.kind is not str and (isinstance(level, bool | str)
-                                       or not isinstance(level, int | float)):
+            raise UserError(
+                f"{where}: level {level!r} is not allowed; use one of "
+                f"{', '.join(map(str, factor.allowed))}"
+            )
+        if factor.kind is not str and (
+            isinstance(level, bool | str) or not isinstance(level, int | float)
+        ):
             raise UserError(f"{where}: level {level!r} must be a number")
         if factor.kind is int and level != int(level):
             raise UserError(f"{where}: level {level!r} must be an integer")
@@ -146,8 +170,13 @@ def _levels(name: str, raw: Any, where: str) -> tuple | Range:
     return tuple(levels)
 
 
-def parse_experiment(name: str, data: Any, where: str, n_trials_override: int | None = None,
-                     base: ModelConfig | None = None) -> Experiment:
+def parse_experiment(
+    name: str,
+    data: Any,
+    where: str,
+    n_trials_override: int | None = None,
+    base: ModelConfig | None = None,
+) -> Experiment:
     """Validate one experiment mapping; errors name `where` (the file) and the key."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a mapping with at least `factors:`")
@@ -160,15 +189,18 @@ def parse_experiment(name: str, data: Any, where: str, n_trials_override: int | 
     factors = {}
     for factor, raw in factors_raw.items():
         if factor not in FACTORS:
-            raise UserError(f"{where}: factors.{factor}: unknown factor; use one of "
-                            f"{', '.join(FACTORS)}")
+            raise UserError(
+                f"{where}: factors.{factor}: unknown factor; use one of {', '.join(FACTORS)}"
+            )
         factors[factor] = _levels(factor, raw, f"{where}: factors.{factor}")
     sampler = _named(data.get("sampler", "grid"), SAMPLERS, f"{where}: sampler")
     pruner = _named(data.get("pruner", "none"), PRUNERS, f"{where}: pruner")
     objective = data.get("objective", "val_accuracy")
     if objective not in OBJECTIVES:
-        raise UserError(f"{where}: objective: {objective!r} is not a metric the training "
-                        f"produces; use one of {', '.join(OBJECTIVES)}")
+        raise UserError(
+            f"{where}: objective: {objective!r} is not a metric the training "
+            f"produces; use one of {', '.join(OBJECTIVES)}"
+        )
     direction = data.get("direction", "maximize" if objective == "val_accuracy" else "minimize")
     if direction not in ("maximize", "minimize"):
         raise UserError(f"{where}: direction: use maximize or minimize, not {direction!r}")
@@ -196,12 +228,24 @@ def parse_experiment(name: str, data: Any, where: str, n_trials_override: int | 
     for factor, level in base_level.items():
         levels = factors.get(factor)
         if levels is None or (not isinstance(levels, Range) and level not in levels):
-            raise UserError(f"{where}: base_level.{factor}: {level!r} must be one of the "
-                            f"levels of factors.{factor}")
+            raise UserError(
+                f"{where}: base_level.{factor}: {level!r} must be one of the "
+                f"levels of factors.{factor}"
+            )
     if base is not None and not base_level:
         base_level = base_levels(base, factors)
-    return Experiment(name, factors, sampler, pruner, n_trials, repeats, objective, direction,
-                      str(data.get("description", "")), base_level)
+    return Experiment(
+        name,
+        factors,
+        sampler,
+        pruner,
+        n_trials,
+        repeats,
+        objective,
+        direction,
+        str(data.get("description", "")),
+        base_level,
+    )
 
 
 def base_levels(base: ModelConfig, factors: dict) -> dict[str, Any]:
@@ -219,8 +263,12 @@ def base_levels(base: ModelConfig, factors: dict) -> dict[str, Any]:
     return levels
 
 
-def load_experiment(folder: str | Path, name: str, n_trials_override: int | None = None,
-                    base: ModelConfig | None = None) -> Experiment:
+def load_experiment(
+    folder: str | Path,
+    name: str,
+    n_trials_override: int | None = None,
+    base: ModelConfig | None = None,
+) -> Experiment:
     path = Path(folder) / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
@@ -238,8 +286,9 @@ def suggest(trial, experiment: Experiment) -> dict[str, Any]:
     for name, levels in experiment.factors.items():
         if isinstance(levels, Range):
             if FACTORS[name].kind is int:
-                values[name] = trial.suggest_int(name, int(levels.low), int(levels.high),
-                                                 log=levels.log)
+                values[name] = trial.suggest_int(
+                    name, int(levels.low), int(levels.high), log=levels.log
+                )
             else:
                 values[name] = trial.suggest_float(name, levels.low, levels.high, log=levels.log)
         else:
@@ -249,31 +298,41 @@ def suggest(trial, experiment: Experiment) -> dict[str, Any]:
     return values
 
 
-def apply_factors(base: ModelConfig, train: TrainParams,
-                  values: dict[str, Any]) -> tuple[ModelConfig, TrainParams]:
+def apply_factors(
+    base: ModelConfig, train: TrainParams, values: dict[str, Any]
+) -> tuple[ModelConfig, TrainParams]:
     """The base config with each factor's value written into its field(s)."""
     block_changes = {k: v for k, v in values.items() if FACTORS[k].target == "block"}
     blocks = tuple(dataclasses.replace(b, **block_changes) for b in base.blocks)
     if "width" in values:
-        blocks = tuple(dataclasses.replace(b, filters=max(1, round(b.filters * values["width"])))
-                       for b in blocks)
-    model_changes = {k: v for k, v in values.items()
-                     if FACTORS[k].target == "model" and k != "width"}
+        blocks = tuple(
+            dataclasses.replace(b, filters=max(1, round(b.filters * values["width"])))
+            for b in blocks
+        )
+    model_changes = {
+        k: v for k, v in values.items() if FACTORS[k].target == "model" and k != "width"
+    }
     config = dataclasses.replace(base, blocks=blocks, **model_changes)
     if "seed" in values:
         train = dataclasses.replace(train, seed=train.seed + int(values["seed"]))
     return config, train
 
 
-def study_name(experiment: Experiment, base: ModelConfig, train: TrainParams,
-               data_hash: str) -> str:
+def study_name(
+    experiment: Experiment, base: ModelConfig, train: TrainParams, data_hash: str
+) -> str:
     """Stable across machines and runs; changes when anything that defines the study does.
 
     The budget (`n_trials`) is left out on purpose: raising it continues the same study.
     """
     payload = json.dumps(
-        {"experiment": experiment.to_dict(), "model": base.to_dict(),
-         "train": dataclasses.asdict(train), "data": data_hash},
-        sort_keys=True, default=str,
+        {
+            "experiment": experiment.to_dict(),
+            "model": base.to_dict(),
+            "train": dataclasses.asdict(train),
+            "data": data_hash,
+        },
+        sort_keys=True,
+        default=str,
     )
     return f"{experiment.name}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def choose_source(params: DataParams, env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """The concrete source for `params.source` and a one-line reason."""
     if params.source != "auto":

@@ -33,9 +33,11 @@ def has_kaggle_credentials(env: Mapping[str, str] = os.environ) -> bool:
         return True
     if env.get("KAGGLE_API_TOKEN"):
         return True
-    folders = [kaggle_config_dir(env).expanduser(),
-               Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")) / ".config")
-               .expanduser() / "kaggle"]
+    folders = [
+        kaggle_config_dir(env).expanduser(),
+        Path(env.get("XDG_CONFIG_HOME") or Path(env.get("HOME", "~")) / ".config").expanduser()
+        / "kaggle",
+    ]
     names = ("kaggle.json", "access_token", "credentials.json")  # the last: `kaggle auth login`
     return any((folder / name).is_file() for folder in folders for name in names)
 

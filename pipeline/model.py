@@ -148,8 +148,9 @@ def conv_output(size: int, kernel: int, stride: int, dilation: int, padding: str
     return math.floor((size - dilation * (kernel - 1) - 1) / stride) + 1
 
 
-def check_shapes(config: ModelConfig, input_shape: tuple[int, int, int],
-                 n_classes: int) -> list[LayerShape]:
+def check_shapes(
+    config: ModelConfig, input_shape: tuple[int, int, int], n_classes: int
+) -> list[LayerShape]:
     """Every layer's output shape, parameter count and multiply-accumulates per image.
 
     Raises ShapeError naming the first layer whose output would be smaller than 1x1.
@@ -170,15 +171,17 @@ def check_shapes(config: ModelConfig, input_shape: tuple[int, int, int],
 
     for i, block in enumerate(config.blocks):
         name = f"blocks[{i}]"
-        height, width = shrink(f"{name}.conv", block.kernel_size, block.strides,
-                               block.dilation_rate, block.padding)
+        height, width = shrink(
+            f"{name}.conv", block.kernel_size, block.strides, block.dilation_rate, block.padding
+        )
         params = block.kernel_size**2 * channels * block.filters + block.filters
         macs = height * width * block.filters * block.kernel_size**2 * channels
         channels = block.filters
         layers.append(LayerShape(f"{name}.conv", (height, width, channels), params, macs))
         if block.regularization in ("batchnorm", "both"):
-            layers.append(LayerShape(f"{name}.batchnorm", (height, width, channels),
-                                     4 * channels, 0))
+            layers.append(
+                LayerShape(f"{name}.batchnorm", (height, width, channels), 4 * channels, 0)
+            )
         if block.pooling != "none":
             height, width = shrink(f"{name}.pool", block.pool_size, block.pool_size, 1, "valid")
             layers.append(LayerShape(f"{name}.pool", (height, width, channels), 0, 0))
@@ -199,8 +202,12 @@ def count_macs(layers: list[LayerShape]) -> int:
     return sum(layer.macs for layer in layers)
 
 
-def build_model(config: ModelConfig, input_shape: tuple[int, int, int], n_classes: int,
-                checked: list[LayerShape] | None = None):
+def build_model(
+    config: ModelConfig,
+    input_shape: tuple[int, int, int],
+    n_classes: int,
+    checked: list[LayerShape] | None = None,
+):
     """The compiled Keras model for `config`; shapes are checked first unless the caller
     passes what `check_shapes` already returned as `checked`."""
     import keras
@@ -212,8 +219,12 @@ def build_model(config: ModelConfig, input_shape: tuple[int, int, int], n_classe
     x = inputs
     for i, block in enumerate(config.blocks):
         x = layers.Conv2D(
-            block.filters, block.kernel_size, strides=block.strides, padding=block.padding,
-            dilation_rate=block.dilation_rate, name=f"conv{i}",
+            block.filters,
+            block.kernel_size,
+            strides=block.strides,
+            padding=block.padding,
+            dilation_rate=block.dilation_rate,
+            name=f"conv{i}",
         )(x)
         if block.regularization in ("batchnorm", "both"):
             x = layers.BatchNormalization(name=f"batchnorm{i}")(x)

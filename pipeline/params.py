@@ -188,9 +188,7 @@ def from_dict(cls: type, data: Any, where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise UserError(
-            f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(fields)}"
-        )
+        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {k: check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
     try:
@@ -232,4 +230,3 @@ def check_value(value: Any, hint: Any, where: str) -> Any:
             raise UserError(f"{where}: expected a string, got {value!r}")
         return value
     return value
-

@@ -60,8 +60,9 @@ def image_grid(images: np.ndarray, path: Path, title: str) -> Path:
     mosaic = np.full((rows * (height + 1) - 1, cols * (width + 1) - 1), np.nan)
     for i, tile in enumerate(scaled):
         r, c = divmod(i, cols)
-        mosaic[r * (height + 1):r * (height + 1) + height,
-               c * (width + 1):c * (width + 1) + width] = tile
+        mosaic[
+            r * (height + 1) : r * (height + 1) + height, c * (width + 1) : c * (width + 1) + width
+        ] = tile
     fig, ax = plt.subplots(figsize=(cols * 0.9, rows * 0.9 + 0.4))
     ax.imshow(np.ma.masked_invalid(mosaic), cmap="gray", interpolation="nearest")
     ax.axis("off")
@@ -69,8 +70,9 @@ def image_grid(images: np.ndarray, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def strip_plot(groups: dict[str, list[float]], path: Path, title: str,
-               ylabel: str = "val_accuracy") -> Path:
+def strip_plot(
+    groups: dict[str, list[float]], path: Path, title: str, ylabel: str = "val_accuracy"
+) -> Path:
     """Box plot per level with every trial drawn as a point."""
     fig, ax = plt.subplots(figsize=(1.4 * max(len(groups), 2) + 1.5, 3.2))
     labels = list(groups)
@@ -84,8 +86,7 @@ def strip_plot(groups: dict[str, list[float]], path: Path, title: str,
     return _save(fig, path)
 
 
-def curves_by_level(histories: dict[str, dict[str, list[float]]], path: Path,
-                    title: str) -> Path:
+def curves_by_level(histories: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
     """val_loss and val_accuracy of each level's best trial."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(8, 3))
     for level, history in histories.items():
@@ -101,8 +102,7 @@ def curves_by_level(histories: dict[str, dict[str, list[float]]], path: Path,
     return _save(fig, path)
 
 
-def pareto(points: list[tuple[float, float]], front: list[tuple[float, float]],
-           path: Path) -> Path:
+def pareto(points: list[tuple[float, float]], front: list[tuple[float, float]], path: Path) -> Path:
     """val_accuracy against parameter count, front highlighted."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     if points:

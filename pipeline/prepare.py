@@ -14,19 +14,18 @@ Run: `ablate prepare` (or `dvc repro prepare`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from pipeline.dataset import Dataset, Meta, save_prepared
 from pipeline.errors import UserError
-from pipeline.fsutil import atomic_dir, write_json
+from pipeline.fsutil import write_json
 from pipeline.params import PrepareParams
 
 if TYPE_CHECKING:
@@ -35,30 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIXEL = re.compile(r"pixel(\d+)$")
-
-
-@dataclass(frozen=True)
-class Meta:
-    """What later stages need to know about the prepared data."""
-
-    competition: str
-    id_column: str
-    label_column: str
-    explicit_ids: bool
-    n_classes: int
-    image_shape: tuple[int, int, int]
-    data_hash: str
-
-
-@dataclass
-class Dataset:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    test_ids: np.ndarray
-    meta: Meta
 
 
 def read_csv(path: Path) -> pd.DataFrame:
@@ -217,8 +192,9 @@ def submission_layout(sample: pd.DataFrame, path: Path) -> tuple[str, str]:
     return str(sample.columns[0]), str(sample.columns[1])
 
 
-def check_test_ids(test_ids: np.ndarray, sample_ids: np.ndarray, test_path: Path,
-                   sample_path: Path) -> None:
+def check_test_ids(
+    test_ids: np.ndarray, sample_ids: np.ndarray, test_path: Path, sample_path: Path
+) -> None:
     """Test rows and sample submission rows must describe the same ids."""
     if len(test_ids) != len(sample_ids):
         raise UserError(
@@ -334,28 +310,6 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
     return dataset, metrics
 
 
-def save_prepared(dataset: Dataset, dest: Path) -> None:
-    """Write the arrays and `meta.json` into `dest`, replacing it atomically."""
-    with atomic_dir(dest) as tmp:
-        np.savez(tmp / "train.npz", x=dataset.x_train, y=dataset.y_train)
-        np.savez(tmp / "val.npz", x=dataset.x_val, y=dataset.y_val)
-        np.savez(tmp / "test.npz", x=dataset.x_test, ids=dataset.test_ids)
-        (tmp / "meta.json").write_text(json.dumps(asdict(dataset.meta), indent=2) + "\n")
-
-
-def load_prepared(folder: str | Path) -> Dataset:
-    """Read what `save_prepared` wrote."""
-    folder = Path(folder)
-    if not (folder / "meta.json").is_file():
-        raise UserError(f"{folder}: no prepared data; run `ablate prepare` (or `dvc repro`)")
-    raw = json.loads((folder / "meta.json").read_text())
-    raw["image_shape"] = tuple(raw["image_shape"])
-    meta = Meta(**raw)
-    with np.load(folder / "train.npz") as tr, np.load(folder / "val.npz") as va, \
-            np.load(folder / "test.npz", allow_pickle=True) as te:
-        return Dataset(tr["x"], tr["y"], va["x"], va["y"], te["x"], te["ids"], meta)
-
-
 def main(config: Config) -> None:
     paths, competition = config.paths, config.data.competition
     dataset, metrics = prepare(paths.raw_data(competition), competition, config.prepare)
@@ -364,6 +318,9 @@ def main(config: Config) -> None:
     rows = metrics["rows"]
     log.info(
         "prepare: %d train, %d validation, %d test images of %s, %d classes",
-        rows["train"], rows["val"], rows["test"], "x".join(map(str, metrics["image_shape"])),
+        rows["train"],
+        rows["val"],
+        rows["test"],
+        "x".join(map(str, metrics["image_shape"])),
         metrics["n_classes"],
     )

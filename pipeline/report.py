@@ -17,100 +17,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from pipeline import plots
 from pipeline.errors import UserError
 from pipeline.experiments import Experiment, load_experiment
 from pipeline.fsutil import atomic_path, write_json
-from pipeline.studies import Study, TrialRecord
+from pipeline.records import TrialRecord
+from pipeline.stats import LevelStats, level_effects, pareto_front
+from pipeline.studies import Study
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LevelStats:
-    level: str
-    n: int
-    n_pruned: int
-    n_failed: int
-    mean: float | None
-    std: float | None
-    best: float | None
-    n_params: int | None
-    macs: int | None
-    effect: float | None = None
-    ci_low: float | None = None
-    ci_high: float | None = None
-    real_effect: bool | None = None
-
-
-def bootstrap_diff(values: list[float], base: list[float], n_resamples: int,
-                   confidence: float, rng: np.random.Generator) -> tuple[float, float]:
-    """Percentile bootstrap interval of mean(values) - mean(base)."""
-    a = rng.choice(np.asarray(values), size=(n_resamples, len(values)), replace=True)
-    b = rng.choice(np.asarray(base), size=(n_resamples, len(base)), replace=True)
-    diffs = a.mean(axis=1) - b.mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(diffs, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def level_effects(trials: list[TrialRecord], factor: str, base_level: Any,
-                  n_resamples: int = 2000, confidence: float = 0.95,
-                  seed: int = 0) -> list[LevelStats]:
-    """Per-level statistics and each level's effect against `base_level`.
-
-    A level is a real effect when the bootstrap interval excludes zero and the effect is
-    larger than the base level's seed-to-seed standard deviation.
-    """
-    rng = np.random.default_rng(seed)
-    levels: dict[str, list[TrialRecord]] = {}
-    for trial in trials:
-        if factor in trial.params:
-            levels.setdefault(str(trial.params[factor]), []).append(trial)
-    base_key = str(base_level)
-    base_values = [t.value for t in levels.get(base_key, []) if t.state == "COMPLETE"]
-    noise = float(np.std(base_values, ddof=1)) if len(base_values) > 1 else 0.0
-    stats = []
-    for level, group in levels.items():
-        done = [t for t in group if t.state == "COMPLETE"]
-        values = [t.value for t in done]
-        row: dict[str, Any] = dict(
-            level=level, n=len(values),
-            n_pruned=sum(t.state == "PRUNED" for t in group),
-            n_failed=sum(t.state == "FAIL" for t in group),
-            mean=float(np.mean(values)) if values else None,
-            std=float(np.std(values, ddof=1)) if len(values) > 1 else (0.0 if values else None),
-            best=float(max(values)) if values else None,
-            n_params=next((t.n_params for t in group if t.n_params), None),
-            macs=next((t.macs for t in group if t.macs), None),
-        )
-        if level != base_key and values and base_values:
-            effect = float(np.mean(values) - np.mean(base_values))
-            low, high = bootstrap_diff(values, base_values, n_resamples, confidence, rng)
-            row.update(effect=effect, ci_low=low, ci_high=high,
-                       real_effect=bool((low > 0 or high < 0) and abs(effect) > noise))
-        stats.append(LevelStats(**row))
-    return sorted(stats, key=lambda s: (s.level != base_key, s.level))
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(size, accuracy) points not beaten by a smaller-or-equal, more accurate one."""
-    front, best = [], -math.inf
-    for size, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
-        if accuracy > best:
-            front.append((size, accuracy))
-            best = accuracy
-    return front
 
 
 def regularization_answer(stats: list[LevelStats]) -> str:
@@ -132,8 +53,11 @@ def regularization_answer(stats: list[LevelStats]) -> str:
         f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average, "
         f"{verdict} the better of the two alone ({alone.level}: {alone.mean:.4f}; difference "
         f"{diff:+.4f}, seed-to-seed noise up to {noise:.4f}). "
-        + ("Here the course's warning holds." if verdict == "worse than"
-           else "Here the course's warning does not show.")
+        + (
+            "Here the course's warning holds."
+            if verdict == "worse than"
+            else "Here the course's warning does not show."
+        )
     )
 
 
@@ -167,13 +91,21 @@ def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) ->
     return lines
 
 
-def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRecord],
-                  out: Path, settings) -> tuple[list[str], dict[str, Any]]:
+def report_factor(
+    name: str, factor: str, base_level: Any, records: list[TrialRecord], out: Path, settings
+) -> tuple[list[str], dict[str, Any]]:
     """One single-factor study's section; its plots go into the folder `out`."""
-    stats = level_effects(records, factor, base_level, settings.bootstrap,
-                          settings.confidence, settings.seed)
-    groups = {s.level: [t.value for t in records if str(t.params.get(factor)) == s.level
-                        and t.state == "COMPLETE"] for s in stats}
+    stats = level_effects(
+        records, factor, base_level, settings.bootstrap, settings.confidence, settings.seed
+    )
+    groups = {
+        s.level: [
+            t.value
+            for t in records
+            if str(t.params.get(factor)) == s.level and t.state == "COMPLETE"
+        ]
+        for s in stats
+    }
     lines = [f"## {name}: {factor}", ""]
     lines += factor_table(stats, base_level, settings.confidence)
     lines.append("")
@@ -182,23 +114,34 @@ def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRe
             reason = next((t for t in records if str(t.params.get(factor)) == s.level), None)
             lines.append(f"- `{s.level}`: every trial was pruned (trial {reason.number}).")
     if any(groups.values()):
-        plots.strip_plot({k: v for k, v in groups.items() if v}, out / f"{name}_levels.png",
-                         f"{name}: val_accuracy per level")
+        plots.strip_plot(
+            {k: v for k, v in groups.items() if v},
+            out / f"{name}_levels.png",
+            f"{name}: val_accuracy per level",
+        )
         lines.append(f"![{name} levels]({out.name}/{name}_levels.png)")
     best_histories = {}
     for s in stats:
-        done = [t for t in records if str(t.params.get(factor)) == s.level
-                and t.state == "COMPLETE" and t.history]
+        done = [
+            t
+            for t in records
+            if str(t.params.get(factor)) == s.level and t.state == "COMPLETE" and t.history
+        ]
         if done:
             best_histories[s.level] = max(done, key=lambda t: t.value).history
     if best_histories:
-        plots.curves_by_level(best_histories, out / f"{name}_curves.png",
-                              f"{name}: learning curves of each level's best trial")
+        plots.curves_by_level(
+            best_histories,
+            out / f"{name}_curves.png",
+            f"{name}: learning curves of each level's best trial",
+        )
         lines.append(f"![{name} learning curves]({out.name}/{name}_curves.png)")
     lines.append("")
-    summary = {"factor": factor, "base_level": str(base_level),
-               "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"}
-                          for s in stats}}
+    summary = {
+        "factor": factor,
+        "base_level": str(base_level),
+        "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"} for s in stats},
+    }
     if factor == "regularization":
         answer = regularization_answer(stats)
         lines += ["**Dropout together with batch normalisation?** " + answer, ""]
@@ -206,40 +149,59 @@ def report_factor(name: str, factor: str, base_level: Any, records: list[TrialRe
     return lines, summary
 
 
-def report_joint(name: str, records: list[TrialRecord], study: Study,
-                 out: Path) -> tuple[list[str], dict[str, Any]]:
+def report_joint(
+    name: str, records: list[TrialRecord], study: Study, out: Path
+) -> tuple[list[str], dict[str, Any]]:
     """The joint study's section: best trial, importances, Pareto front (plot into `out`)."""
     done = [t for t in records if t.state == "COMPLETE"]
     weights = study.importances() if len(done) > 1 else {}
     points = [(float(t.n_params), float(t.value)) for t in done if t.n_params]
     front = pareto_front(points)
-    lines = [f"## {name}: all factors at once", "",
-             f"{len(done)} complete, {sum(t.state == 'PRUNED' for t in records)} pruned, "
-             f"{sum(t.state == 'FAIL' for t in records)} failed.", ""]
+    lines = [
+        f"## {name}: all factors at once",
+        "",
+        f"{len(done)} complete, {sum(t.state == 'PRUNED' for t in records)} pruned, "
+        f"{sum(t.state == 'FAIL' for t in records)} failed.",
+        "",
+    ]
     if done:
         best = max(done, key=lambda t: t.value)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
         lines += [f"Best val_accuracy {best.value:.4f} (trial {best.number}): {params}.", ""]
     if weights:
-        lines += [f"Parameter importances (Optuna's default, fANOVA) over the {len(done)} "
-                  "complete trials; pruned ones do not count, so with few complete trials "
-                  "read them as a hint.", ""]
+        lines += [
+            f"Parameter importances (Optuna's default, fANOVA) over the {len(done)} "
+            "complete trials; pruned ones do not count, so with few complete trials "
+            "read them as a hint.",
+            "",
+        ]
         lines += ["| parameter | importance |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in weights.items()]
         lines.append("")
     if points:
         plots.pareto(points, front, out / f"{name}_pareto.png")
-        lines += ["Pareto front (fewest parameters for the accuracy):", "",
-                  "| parameters | val_accuracy |", "|---|---|"]
+        lines += [
+            "Pareto front (fewest parameters for the accuracy):",
+            "",
+            "| parameters | val_accuracy |",
+            "|---|---|",
+        ]
         lines += [f"| {int(p):,} | {a:.4f} |" for p, a in front]
         lines += ["", f"![{name} Pareto front]({out.name}/{name}_pareto.png)", ""]
-    summary = {"importances": weights,
-               "pareto": [{"n_params": int(p), "val_accuracy": a} for p, a in front]}
+    summary = {
+        "importances": weights,
+        "pareto": [{"n_params": int(p), "val_accuracy": a} for p, a in front],
+    }
     return lines, summary
 
 
-def build_report(studies: dict[str, tuple[Experiment, dict[str, Any]]], storage_url: str,
-                 out: Path, settings, heartbeat_seconds: int = 10) -> tuple[str, dict[str, Any]]:
+def build_report(
+    studies: dict[str, tuple[Experiment, dict[str, Any]]],
+    storage_url: str,
+    out: Path,
+    settings,
+    heartbeat_seconds: int = 10,
+) -> tuple[str, dict[str, Any]]:
     """Markdown and JSON for every study in `studies` (name -> (experiment, sweep
     metrics)); the plots go into the folder `out`, linked relative to its parent."""
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +211,10 @@ def build_report(studies: dict[str, tuple[Experiment, dict[str, Any]]], storage_
         try:
             study = Study.open(storage_url, metrics["study"], heartbeat_seconds)
         except KeyError:
-            raise UserError(f"study {metrics['study']} not in the Optuna storage; run the "
-                            "sweep again (`dvc repro`)") from None
+            raise UserError(
+                f"study {metrics['study']} not in the Optuna storage; run the "
+                "sweep again (`dvc repro`)"
+            ) from None
         records = study.records(finished_only=True)
         if experiment.is_grid and len(experiment.factors) == 1:
             factor = next(iter(experiment.factors))
@@ -270,16 +234,21 @@ def main(config: Config) -> None:
     for name in config.experiments:
         metrics_file = paths.sweep_metrics(name)
         if not metrics_file.is_file():
-            log.warning("report: no %s; run `dvc repro sweep@%s` to include it",
-                        metrics_file, name)
+            log.warning("report: no %s; run `dvc repro sweep@%s` to include it", metrics_file, name)
             continue
         experiment = load_experiment(paths.experiments, name, None, config.model)
         studies[name] = (experiment, json.loads(metrics_file.read_text()))
     if not studies:
-        raise UserError(f"no sweep results in {paths.sweep_metrics_dir}/; run the sweeps "
-                        "first (`dvc repro`)")
-    markdown, results = build_report(studies, config.sweep.storage, paths.report_plots,
-                                     config.report, config.sweep.heartbeat_seconds)
+        raise UserError(
+            f"no sweep results in {paths.sweep_metrics_dir}/; run the sweeps first (`dvc repro`)"
+        )
+    markdown, results = build_report(
+        studies,
+        config.sweep.storage,
+        paths.report_plots,
+        config.report,
+        config.sweep.heartbeat_seconds,
+    )
     with atomic_path(paths.report_markdown) as tmp:
         tmp.write_text(markdown)
     write_json(paths.report_json, results)
@@ -291,8 +260,12 @@ def _log_to_mlflow(config: Config, studies: dict) -> None:
     from pipeline.tracking import Tracker
 
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
-    run_id = tracker.start_run("report", tags={
-        f"study.{name}": metrics.get("parent_run_id", "") for name, (_, metrics) in studies.items()
-    })
+    run_id = tracker.start_run(
+        "report",
+        tags={
+            f"study.{name}": metrics.get("parent_run_id", "")
+            for name, (_, metrics) in studies.items()
+        },
+    )
     tracker.log_artifacts(run_id, Path(config.paths.reports))
     tracker.end_run(run_id)

@@ -7,7 +7,7 @@ anywhere `claim` them one at a time through the storage's atomic state change, s
 they never exceed the budget or run a grid point twice. Trials left RUNNING by a dead
 worker are failed (same host: its process is gone; other hosts: a stale heartbeat) and, on
 shared storages, queued again once. The rest of the pipeline gets plain values back:
-`TrialRecord`s, summaries, importances.
+`TrialRecord`s (`pipeline.records`), summaries, importances.
 """
 
 from __future__ import annotations
@@ -20,60 +20,19 @@ import os
 import socket
 import threading
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.errors import Pruned, UserError
+from pipeline.errors import Pruned, UserError, redact
 from pipeline.experiments import Experiment, suggest
+from pipeline.records import TrialRecord
 
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
-REJECTED = "rejected before training"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """One trial as plain values."""
-
-    number: int
-    state: str  # COMPLETE, PRUNED, FAIL, RUNNING or WAITING
-    params: dict[str, Any]
-    value: float | None
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def run_id(self) -> str | None:
-        return self.attrs.get("mlflow_run_id")
-
-    @property
-    def n_params(self) -> int | None:
-        return self.attrs.get("n_params")
-
-    @property
-    def macs(self) -> int | None:
-        return self.attrs.get("macs")
-
-    @property
-    def history(self) -> dict[str, list[float]] | None:
-        return self.attrs.get("history")
-
-    @property
-    def rejected(self) -> bool:
-        """Pruned before any training (a config the shape check refused), as opposed to
-        stopped by the pruner."""
-        return str(self.attrs.get("prune_reason", "")).startswith(REJECTED)
-
-
-def redact(url: str) -> str:
-    """`url` without its password."""
-    password = urlsplit(url).password
-    return url.replace(f":{password}@", ":***@") if password else url
 
 
 def worker_id() -> str:
@@ -91,28 +50,35 @@ def make_storage(url: str, heartbeat_seconds: int):
 
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
         if url.startswith("sqlite"):
-            storage = RDBStorage(url, engine_kwargs={"connect_args": {
-                "timeout": 120, "isolation_level": None}})
+            storage = RDBStorage(
+                url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
+            )
             _lock_on_begin(storage.engine)
             return storage
         if url.startswith(("postgresql", "mysql")):
             return RDBStorage(
-                _with_driver(url), engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=heartbeat_seconds, grace_period=3 * heartbeat_seconds,
+                _with_driver(url),
+                engine_kwargs={"pool_pre_ping": True},
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=3 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=_requeue,
             )
     except Exception as exc:  # connection refused, bad credentials, missing driver
-        raise UserError(f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
-                        f"{str(exc).splitlines()[0]}") from None
-    raise UserError(f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
-                    "mysql://... or redis://...")
+        raise UserError(
+            f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    raise UserError(
+        f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
+        "mysql://... or redis://..."
+    )
 
 
 def _with_driver(url: str) -> str:
     """SQLAlchemy >= 2.1 reads a bare `postgresql://` as psycopg 3; this project installs
     psycopg2, so name it unless psycopg 3 is there."""
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
@@ -140,9 +106,12 @@ def _sampler(experiment: Experiment):
 
 def _pruner(experiment: Experiment):
     spec = dict(experiment.pruner)
-    kinds = {"none": optuna.pruners.NopPruner, "median": optuna.pruners.MedianPruner,
-             "hyperband": optuna.pruners.HyperbandPruner,
-             "successive_halving": optuna.pruners.SuccessiveHalvingPruner}
+    kinds = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }
     try:
         return kinds[spec.pop("name")](**spec)
     except TypeError as exc:
@@ -160,8 +129,14 @@ class Study:
         self._id = storage.get_study_id_from_name(self.name)
 
     @classmethod
-    def open(cls, url: str, name: str, heartbeat_seconds: int = 10,
-             experiment: Experiment | None = None, create: bool = False) -> Study:
+    def open(
+        cls,
+        url: str,
+        name: str,
+        heartbeat_seconds: int = 10,
+        experiment: Experiment | None = None,
+        create: bool = False,
+    ) -> Study:
         """The study `name`; created when `create`. A missing one raises KeyError."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = make_storage(url, heartbeat_seconds)
@@ -169,8 +144,9 @@ class Study:
         if experiment is not None:
             kwargs.update(sampler=_sampler(experiment), pruner=_pruner(experiment))
         if create:
-            study = optuna.create_study(direction=experiment.direction, load_if_exists=True,
-                                        **kwargs)
+            study = optuna.create_study(
+                direction=experiment.direction, load_if_exists=True, **kwargs
+            )
         else:
             study = optuna.load_study(**kwargs)
         return cls(study, storage)
@@ -178,8 +154,10 @@ class Study:
     @property
     def shared(self) -> bool:
         """A storage other machines can reach (heartbeats and retries apply)."""
-        return not isinstance(self.storage, optuna.storages.RDBStorage) or \
-            self.storage.engine.url.get_backend_name() != "sqlite"
+        return (
+            not isinstance(self.storage, optuna.storages.RDBStorage)
+            or self.storage.engine.url.get_backend_name() != "sqlite"
+        )
 
     @property
     def parent_run_id(self) -> str | None:
@@ -193,13 +171,20 @@ class Study:
         """The frozen trials, one per budget slot: a failed trial that was queued again
         gives its slot to its retry."""
         trials = self.optuna.get_trials(deepcopy=False)
-        retried = {t.system_attrs["failed_trial"] for t in trials
-                   if "failed_trial" in t.system_attrs}
+        retried = {
+            t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs
+        }
         return [t for t in trials if t.number not in retried]
 
-    def records(self, finished_only: bool = False) -> list[TrialRecord]:
-        return [TrialRecord(t.number, t.state.name, dict(t.params), t.value, dict(t.user_attrs))
-                for t in self._slots() if t.state in FINISHED or not finished_only]
+    def records(self, finished_only: bool = False, retried: bool = False) -> list[TrialRecord]:
+        """The trials as plain values, one per budget slot (with `retried`, also the
+        failed trials whose retry took their slot)."""
+        trials = self.optuna.get_trials(deepcopy=False) if retried else self._slots()
+        return [
+            TrialRecord(t.number, t.state.name, dict(t.params), t.value, dict(t.user_attrs))
+            for t in trials
+            if t.state in FINISHED or not finished_only
+        ]
 
     def count(self, state: str) -> int:
         return len(self.optuna.get_trials(deepcopy=False, states=(TrialState[state],)))
@@ -224,8 +209,7 @@ class Study:
         """Atomically take one WAITING trial (RUNNING from now on), or None when none is
         left. The storage's state change succeeds for one caller only."""
         for frozen in self.optuna.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
-                self._id, frozen.number)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self._id, frozen.number)
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 if self.storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                     return Trial(self, optuna.Trial(self.optuna, trial_id), trial_id)
@@ -243,11 +227,11 @@ class Study:
             owner_host, _, pid = owner.rpartition(":")
             if owner_host != host or not pid.isdigit() or _alive(int(pid)):
                 continue
-            trial_id = self.storage.get_trial_id_from_study_id_trial_number(
-                self._id, trial.number)
+            trial_id = self.storage.get_trial_id_from_study_id_trial_number(self._id, trial.number)
             try:  # the error first: a finished trial's attributes can no longer be set
-                self.storage.set_trial_user_attr(trial_id, "error",
-                                                 f"worker {owner} died during the trial")
+                self.storage.set_trial_user_attr(
+                    trial_id, "error", f"worker {owner} died during the trial"
+                )
                 if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:
@@ -280,10 +264,6 @@ class Study:
         starts = [t.datetime_start for t in trials if t.datetime_start]
         ends = [t.datetime_complete for t in trials if t.datetime_complete]
         return round((max(ends) - min(starts)).total_seconds(), 1) if starts and ends else 0.0
-
-
-def study_names(url: str) -> list[str]:
-    return optuna.get_all_study_names(make_storage(url, 10))
 
 
 # -- one claimed trial ---------------------------------------------------------------------
@@ -362,8 +342,9 @@ def _requeue(study, trial) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     trial = copy.copy(trial)
-    trial.user_attrs = {k: v for k, v in trial.user_attrs.items()
-                        if k not in ("worker", "error", "mlflow_run_id")}
+    trial.user_attrs = {
+        k: v for k, v in trial.user_attrs.items() if k not in ("worker", "error", "mlflow_run_id")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)

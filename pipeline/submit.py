@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
 from pipeline.model import predict_labels
 from pipeline.params import Paths
-from pipeline.prepare import Dataset, load_prepared, read_csv
+from pipeline.prepare import read_csv
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -43,8 +44,10 @@ def choose_study(paths: Paths, experiments: Sequence[str], wanted: str | None) -
             found[name] = json.loads(path.read_text())
     if wanted is not None:
         if wanted not in found:
-            raise UserError(f"submit.experiment {wanted!r} has no results in {metrics_dir}/; "
-                            f"choose one of {', '.join(found) or 'none (run the sweeps)'}")
+            raise UserError(
+                f"submit.experiment {wanted!r} has no results in {metrics_dir}/; "
+                f"choose one of {', '.join(found) or 'none (run the sweeps)'}"
+            )
         return {"experiment": wanted, **found[wanted]}
     scored = {k: v for k, v in found.items() if v.get("best_value") is not None}
     if not scored:
@@ -57,8 +60,10 @@ def make_submission(labels: np.ndarray, data: Dataset, sample: pd.DataFrame) -> 
     """Predictions in the sample submission's layout and id order, validated."""
     id_column, label_column = data.meta.id_column, data.meta.label_column
     if list(sample.columns) != [id_column, label_column]:
-        raise UserError(f"sample_submission.csv has columns {list(sample.columns)} but the "
-                        f"data was prepared for {[id_column, label_column]}; run prepare again")
+        raise UserError(
+            f"sample_submission.csv has columns {list(sample.columns)} but the "
+            f"data was prepared for {[id_column, label_column]}; run prepare again"
+        )
     if len(labels) != len(data.test_ids):
         raise UserError(f"{len(labels)} predictions for {len(data.test_ids)} test images")
     by_id = {str(i): int(label) for i, label in zip(data.test_ids, labels, strict=True)}
@@ -70,10 +75,12 @@ def make_submission(labels: np.ndarray, data: Dataset, sample: pd.DataFrame) -> 
             f"test ids do not match sample_submission.csv (e.g. id {example}); "
             "the test set and the sample submission must describe the same rows"
         )
-    submission = pd.DataFrame({
-        id_column: sample[id_column].to_numpy(),
-        label_column: [by_id[i] for i in sample_ids],
-    })
+    submission = pd.DataFrame(
+        {
+            id_column: sample[id_column].to_numpy(),
+            label_column: [by_id[i] for i in sample_ids],
+        }
+    )
     validate(submission, sample, data.meta.n_classes)
     return submission
 
@@ -81,34 +88,43 @@ def make_submission(labels: np.ndarray, data: Dataset, sample: pd.DataFrame) -> 
 def validate(submission: pd.DataFrame, sample: pd.DataFrame, n_classes: int) -> None:
     """Kaggle's checks, before anything is written."""
     if list(submission.columns) != list(sample.columns):
-        raise UserError(f"submission columns {list(submission.columns)} differ from "
-                        f"sample_submission.csv {list(sample.columns)}")
+        raise UserError(
+            f"submission columns {list(submission.columns)} differ from "
+            f"sample_submission.csv {list(sample.columns)}"
+        )
     if len(submission) != len(sample):
-        raise UserError(f"submission has {len(submission)} rows, sample_submission.csv "
-                        f"{len(sample)}")
+        raise UserError(
+            f"submission has {len(submission)} rows, sample_submission.csv {len(sample)}"
+        )
     if submission.isna().any().any():
         raise UserError("submission has missing values")
     id_column, label_column = sample.columns
-    if (submission[id_column].astype(str).to_numpy()
-            != sample[id_column].astype(str).to_numpy()).any():
+    if (
+        submission[id_column].astype(str).to_numpy() != sample[id_column].astype(str).to_numpy()
+    ).any():
         raise UserError("submission ids are not those of sample_submission.csv, in order")
     labels = submission[label_column].to_numpy()
     if labels.min() < 0 or labels.max() >= n_classes:
-        raise UserError(f"submission labels must be 0..{n_classes - 1}; "
-                        f"got {labels.min()}..{labels.max()}")
+        raise UserError(
+            f"submission labels must be 0..{n_classes - 1}; got {labels.min()}..{labels.max()}"
+        )
 
 
 def predict(model, data: Dataset, batch_size: int) -> np.ndarray:
     """Class labels for the test set; refuses a model with the wrong number of classes."""
     n_out = int(model.output_shape[-1])
     if n_out != data.meta.n_classes:
-        raise UserError(f"the model predicts {n_out} classes but the competition has "
-                        f"{data.meta.n_classes}; it was trained on other data: run the sweeps "
-                        "again (`dvc repro`)")
+        raise UserError(
+            f"the model predicts {n_out} classes but the competition has "
+            f"{data.meta.n_classes}; it was trained on other data: run the sweeps "
+            "again (`dvc repro`)"
+        )
     expected = tuple(model.input_shape[1:])
     if expected != tuple(data.meta.image_shape):
-        raise UserError(f"the model expects images of {expected} but the test images are "
-                        f"{tuple(data.meta.image_shape)}; run the sweeps again")
+        raise UserError(
+            f"the model expects images of {expected} but the test images are "
+            f"{tuple(data.meta.image_shape)}; run the sweeps again"
+        )
     return predict_labels(model, data.x_test, batch_size)
 
 
@@ -136,7 +152,7 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
 
     paths, competition = config.paths, config.data.competition
     if upload and not message:
-        raise UserError("--upload needs a description: ablate submit --upload -m \"message\"")
+        raise UserError('--upload needs a description: ablate submit --upload -m "message"')
     chosen = choose_study(paths, config.experiments, config.submit.experiment)
     model_path = paths.sweep_model(chosen["experiment"])
     if not model_path.is_file():
@@ -163,8 +179,13 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
     if chosen.get("parent_run_id"):
         tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
         tracker.log_artifact(chosen["parent_run_id"], csv, "submission")
-    log.info("submit: wrote %s (%d rows) from %s, val_accuracy %.4f", csv, len(submission),
-             chosen["experiment"], chosen.get("best_value") or float("nan"))
+    log.info(
+        "submit: wrote %s (%d rows) from %s, val_accuracy %.4f",
+        csv,
+        len(submission),
+        chosen["experiment"],
+        chosen.get("best_value") or float("nan"),
+    )
     if upload:
         log.info("submit: uploaded to Kaggle: %s", upload_submission(csv, competition, message))
     return sidecar

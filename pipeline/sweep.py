@@ -21,10 +21,10 @@ from typing import Any
 
 from pipeline import workers
 from pipeline.config import Config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact
 from pipeline.fsutil import atomic_path, write_json
 from pipeline.model import flatten_config
-from pipeline.studies import Study, redact
+from pipeline.studies import Study
 from pipeline.tracking import Tracker, provenance
 from pipeline.trial import CHECKPOINT, RUN_STATUS, Job
 
@@ -39,8 +39,14 @@ def main(config: Config, experiment: str) -> dict[str, Any]:
     study.fail_dead_trials()
     close_orphan_runs(tracker, study, parent_id)
     queued = study.fill_queue(job.experiment)
-    log.info("sweep %s: study %s, budget %d, %d newly queued, storage %s", experiment,
-             study.name, job.experiment.n_trials, queued, redact(config.sweep.storage))
+    log.info(
+        "sweep %s: study %s, budget %d, %d newly queued, storage %s",
+        experiment,
+        study.name,
+        job.experiment.n_trials,
+        queued,
+        redact(config.sweep.storage),
+    )
 
     def run_waiting() -> None:
         if config.sweep.n_workers > 1:
@@ -58,10 +64,16 @@ def main(config: Config, experiment: str) -> dict[str, Any]:
         raise
     close_orphan_runs(tracker, study, parent_id)
     summary = finalize(job, study, tracker, parent_id)
-    log.info("sweep %s: best %s %.4f (trial %d); %d complete, %d pruned, %d failed",
-             experiment, job.experiment.objective, summary["best_value"],
-             summary["best_trial"], summary["n_complete"], summary["n_pruned"],
-             summary["n_failed"])
+    log.info(
+        "sweep %s: best %s %.4f (trial %d); %d complete, %d pruned, %d failed",
+        experiment,
+        job.experiment.objective,
+        summary["best_value"],
+        summary["best_trial"],
+        summary["n_complete"],
+        summary["n_pruned"],
+        summary["n_failed"],
+    )
     return summary
 
 
@@ -73,25 +85,35 @@ def parent_run(job: Job, study: Study, tracker: Tracker) -> str:
     experiment, meta = job.experiment, job.data.meta
     study.parent_run_id = tracker.start_run(
         f"sweep-{experiment.name}",
-        params={"experiment": experiment.name, "n_trials": experiment.n_trials,
-                "sampler": experiment.sampler["name"], "pruner": experiment.pruner["name"],
-                "objective": experiment.objective, **flatten_config(job.config.model)},
-        tags={"study": study.name, "experiment": experiment.name,
-              **provenance(meta.competition, meta.data_hash)},
+        params={
+            "experiment": experiment.name,
+            "n_trials": experiment.n_trials,
+            "sampler": experiment.sampler["name"],
+            "pruner": experiment.pruner["name"],
+            "objective": experiment.objective,
+            **flatten_config(job.config.model),
+        },
+        tags={
+            "study": study.name,
+            "experiment": experiment.name,
+            **provenance(meta.competition, meta.data_hash),
+        },
     )
     return study.parent_run_id
 
 
 def close_orphan_runs(tracker: Tracker, study: Study, parent_id: str) -> int:
     """Close MLflow child runs still RUNNING whose trial has finished (a dead worker's)."""
-    finished = {r.number: r for r in study.records(finished_only=True)}
+    finished = {r.number: r for r in study.records(finished_only=True, retried=True)}
     closed = 0
     for run in tracker.runs_under(parent_id, status="RUNNING"):
         record = finished.get(int(run.data.tags.get("trial_number", -1)))
         if record is not None:
-            tracker.end_run(run.info.run_id, RUN_STATUS[record.state],
-                            {"state": record.state,
-                             "error": record.attrs.get("error", "worker died")})
+            tracker.end_run(
+                run.info.run_id,
+                RUN_STATUS[record.state],
+                {"state": record.state, "error": record.attrs.get("error", "worker died")},
+            )
             closed += 1
     return closed
 
@@ -124,9 +146,11 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
     best = study.best()
     if best is None:
         tracker.end_run(parent_id, "FAILED", {"error": "no trial completed"})
-        raise UserError(f"{job.experiment.name}: no trial completed "
-                        f"({summary['n_pruned']} pruned, {summary['n_failed']} failed); "
-                        "see the trial runs in MLflow for the errors")
+        raise UserError(
+            f"{job.experiment.name}: no trial completed "
+            f"({summary['n_pruned']} pruned, {summary['n_failed']} failed); "
+            "see the trial runs in MLflow for the errors"
+        )
     paths = job.config.paths
     with tempfile.TemporaryDirectory() as tmp:
         local = tracker.download_artifact(best.run_id, CHECKPOINT, Path(tmp))
@@ -134,14 +158,26 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
         with atomic_path(paths.sweep_model(job.experiment.name)) as out:
             out.write_bytes(local.read_bytes())
     name = f"{job.data.meta.competition}-{job.experiment.name}"
-    summary["model_uri"] = tracker.log_keras_model(parent_id, model, job.data.x_val[:5],
-                                                   registered_name=name)
+    summary["model_uri"] = tracker.log_keras_model(
+        parent_id, model, job.data.x_val[:5], registered_name=name
+    )
     summary["parent_run_id"] = parent_id
     summary["best_run_id"] = best.run_id
     summary["registered_model"] = f"{name}@champion"
-    tracker.log_metrics(parent_id, {k: summary[k] for k in (
-        "best_value", "n_complete", "n_pruned", "n_failed", "epochs_run", "wall_seconds")})
-    tracker.end_run(parent_id, "FINISHED", {"best_trial": best.number,
-                                           "best_run_id": best.run_id})
+    tracker.log_metrics(
+        parent_id,
+        {
+            k: summary[k]
+            for k in (
+                "best_value",
+                "n_complete",
+                "n_pruned",
+                "n_failed",
+                "epochs_run",
+                "wall_seconds",
+            )
+        },
+    )
+    tracker.end_run(parent_id, "FINISHED", {"best_trial": best.number, "best_run_id": best.run_id})
     write_json(paths.sweep_metrics(job.experiment.name), summary)
     return summary

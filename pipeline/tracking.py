@@ -31,8 +31,9 @@ RUN_NAME_TAG = "mlflow.runName"
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -57,7 +58,7 @@ def check_reachable(uri: str) -> None:
                 "start it (`mlflow server --host 127.0.0.1 --port 5000`) or fix tracking.uri"
             ) from None
     elif parsed.scheme == "sqlite":
-        path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        path = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
         if path is not None and not path.parent.resolve().is_dir():
             raise UserError(f"tracking.uri {uri}: folder {path.parent} does not exist")
 
@@ -87,34 +88,42 @@ class Tracker:
         client = MlflowClient(uri)
         try:
             found = client.get_experiment_by_name(experiment)
-            experiment_id = (found.experiment_id if found
-                             else client.create_experiment(experiment))
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         except Exception as exc:  # a race with another worker creating it, or a bad store
             found = client.get_experiment_by_name(experiment)
             if found is None:
-                raise UserError(f"tracking.uri {uri}: cannot use experiment {experiment!r}: "
-                                f"{str(exc).splitlines()[0]}") from None
+                raise UserError(
+                    f"tracking.uri {uri}: cannot use experiment {experiment!r}: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
             experiment_id = found.experiment_id
         return cls(client, experiment_id, uri)
 
     # -- runs ---------------------------------------------------------------------------
-    def start_run(self, name: str, params: dict[str, Any] | None = None,
-                  tags: dict[str, Any] | None = None, parent_id: str | None = None) -> str:
+    def start_run(
+        self,
+        name: str,
+        params: dict[str, Any] | None = None,
+        tags: dict[str, Any] | None = None,
+        parent_id: str | None = None,
+    ) -> str:
         from mlflow.entities import Param
 
         all_tags = {RUN_NAME_TAG: name, **(tags or {})}
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={k: str(v) for k, v in all_tags.items()})
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
+        )
         run_id = run.info.run_id
         items = [Param(k, str(v)) for k, v in (params or {}).items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[start:start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
         return run_id
 
-    def end_run(self, run_id: str, status: str = "FINISHED",
-                tags: dict[str, Any] | None = None) -> None:
+    def end_run(
+        self, run_id: str, status: str = "FINISHED", tags: dict[str, Any] | None = None
+    ) -> None:
         from mlflow.entities import RunTag
 
         if tags:
@@ -157,8 +166,14 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], query, max_results=50000)
 
     # -- models ---------------------------------------------------------------------------
-    def log_keras_model(self, run_id: str, model, example: np.ndarray,
-                        registered_name: str | None = None, alias: str = "champion") -> str:
+    def log_keras_model(
+        self,
+        run_id: str,
+        model,
+        example: np.ndarray,
+        registered_name: str | None = None,
+        alias: str = "champion",
+    ) -> str:
         """Log `model` with a signature under `run_id`; optionally register it with an alias."""
         import keras
         import mlflow
@@ -171,7 +186,10 @@ class Tracker:
         requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
         with mlflow.start_run(run_id=run_id), _quiet():
             info = mlflow.keras.log_model(
-                model, name="model", signature=signature, pip_requirements=requirements,
+                model,
+                name="model",
+                signature=signature,
+                pip_requirements=requirements,
                 registered_model_name=registered_name,
             )
         if registered_name:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.dataset import Dataset
 from pipeline.model import (
     LayerShape,
     ModelConfig,
@@ -32,7 +33,6 @@ from pipeline.model import (
     flatten_config,
 )
 from pipeline.params import TrainParams
-from pipeline.prepare import Dataset
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -82,8 +82,13 @@ def make_datasets(data: Dataset, batch_size: int, seed: int):
     return train_ds, val_ds
 
 
-def train(config: ModelConfig, params: TrainParams, data: Dataset,
-          callbacks: list | tuple = (), layers: list[LayerShape] | None = None) -> TrainResult:
+def train(
+    config: ModelConfig,
+    params: TrainParams,
+    data: Dataset,
+    callbacks: list | tuple = (),
+    layers: list[LayerShape] | None = None,
+) -> TrainResult:
     """Train `config` on `data`; the returned model holds the best epoch by `val_loss`.
 
     `layers` is `check_shapes`'s answer when the caller already has it."""
@@ -105,7 +110,11 @@ def train(config: ModelConfig, params: TrainParams, data: Dataset,
     start = time.perf_counter()
     with _forget_traced_gradients():
         fit = model.fit(
-            train_ds, validation_data=val_ds, epochs=params.epochs, verbose=0, shuffle=False,
+            train_ds,
+            validation_data=val_ds,
+            epochs=params.epochs,
+            verbose=0,
+            shuffle=False,
             callbacks=[stopper, *callbacks],
         )
     seconds = time.perf_counter() - start
@@ -154,8 +163,9 @@ def _forget_traced_gradients():
                 del registry[name]
 
 
-def train_tracked(tracker: Tracker, config: ModelConfig, params: TrainParams, data: Dataset,
-                  checkpoint: Path) -> TrainResult:
+def train_tracked(
+    tracker: Tracker, config: ModelConfig, params: TrainParams, data: Dataset, checkpoint: Path
+) -> TrainResult:
     """Train `config` once as an MLflow run holding every config field and training
     setting, per-epoch metrics, the diagnostics and the checkpoint (also written to
     `checkpoint`)."""
@@ -187,18 +197,24 @@ def train_tracked(tracker: Tracker, config: ModelConfig, params: TrainParams, da
 
 
 def main(config: Config) -> dict[str, Any]:
+    from pipeline.dataset import load_prepared
     from pipeline.fsutil import write_json
-    from pipeline.prepare import load_prepared
     from pipeline.tracking import Tracker
 
     data = load_prepared(config.paths.prepared)
     check_shapes(config.model, data.meta.image_shape, data.meta.n_classes)
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
     result = train_tracked(tracker, config.model, config.train, data, config.paths.train_model)
-    metrics = {k: result.metrics[k] for k in ("val_accuracy", "val_loss", "epochs_run",
-                                              "best_epoch", "n_params", "macs")}
+    metrics = {
+        k: result.metrics[k]
+        for k in ("val_accuracy", "val_loss", "epochs_run", "best_epoch", "n_params", "macs")
+    }
     write_json(config.paths.train_metrics, metrics)
-    log.info("train: val_accuracy %.4f (epoch %d of %d), %d parameters",
-             metrics["val_accuracy"], metrics["best_epoch"], metrics["epochs_run"],
-             metrics["n_params"])
+    log.info(
+        "train: val_accuracy %.4f (epoch %d of %d), %d parameters",
+        metrics["val_accuracy"],
+        metrics["best_epoch"],
+        metrics["epochs_run"],
+        metrics["n_params"],
+    )
     return metrics

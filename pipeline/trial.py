@@ -18,12 +18,13 @@ from typing import Any
 
 from pipeline import train as training
 from pipeline.config import Config
+from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import Pruned, UserError
 from pipeline.experiments import Experiment, apply_factors, load_experiment, study_name
 from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
 from pipeline.params import TrainParams
-from pipeline.prepare import Dataset, load_prepared
-from pipeline.studies import REJECTED, Study, Trial
+from pipeline.records import REJECTED
+from pipeline.studies import Study, Trial
 from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -44,19 +45,26 @@ class Job:
 
     @classmethod
     def load(cls, config: Config, experiment: str) -> Job:
-        spec = load_experiment(config.paths.experiments, experiment, config.sweep.n_trials,
-                               config.model)
+        spec = load_experiment(
+            config.paths.experiments, experiment, config.sweep.n_trials, config.model
+        )
         return cls(config, spec, load_prepared(config.paths.prepared))
 
     @property
     def study_name(self) -> str:
-        return study_name(self.experiment, self.config.model, self.config.train,
-                          self.data.meta.data_hash)
+        return study_name(
+            self.experiment, self.config.model, self.config.train, self.data.meta.data_hash
+        )
 
     def open_study(self, create: bool = False) -> Study:
         """This job's study (KeyError when it does not exist and `create` is false)."""
-        return Study.open(self.config.sweep.storage, self.study_name,
-                          self.config.sweep.heartbeat_seconds, self.experiment, create)
+        return Study.open(
+            self.config.sweep.storage,
+            self.study_name,
+            self.config.sweep.heartbeat_seconds,
+            self.experiment,
+            create,
+        )
 
 
 @dataclass
@@ -82,22 +90,34 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
     """Check, train, and read the objective; nothing here knows MLflow or Optuna."""
     counter = _epoch_counter()
     try:
-        layers: list[LayerShape] = check_shapes(config, job.data.meta.image_shape,
-                                                job.data.meta.n_classes)
+        layers: list[LayerShape] = check_shapes(
+            config, job.data.meta.image_shape, job.data.meta.n_classes
+        )
     except UserError as exc:
-        return Outcome("PRUNED", reason=f"{REJECTED}: {exc}", attrs={"epochs_run": 0})
+        return _rejected(str(exc))
     try:
         result = training.train(config, params, job.data, [counter, *callbacks], layers=layers)
     except Pruned as exc:
-        return Outcome("PRUNED", reason=str(exc) or "pruned",
-                       attrs={"epochs_run": counter.epochs})
+        return Outcome("PRUNED", reason=str(exc) or "pruned", attrs={"epochs_run": counter.epochs})
     except Exception as exc:
         log.debug("trial failed", exc_info=True)
-        return Outcome("FAIL", reason=f"{type(exc).__name__}: {exc}"[:5000],
-                       attrs={"epochs_run": counter.epochs})
+        return Outcome(
+            "FAIL",
+            reason=f"{type(exc).__name__}: {exc}"[:5000],
+            attrs={"epochs_run": counter.epochs},
+        )
     attrs = {k: result.metrics[k] for k in RESULT_ATTRS} | {"history": result.history}
-    return Outcome("COMPLETE", result.metrics[job.experiment.objective], attrs=attrs,
-                   metrics=result.metrics, model=result.model)
+    return Outcome(
+        "COMPLETE",
+        result.metrics[job.experiment.objective],
+        attrs=attrs,
+        metrics=result.metrics,
+        model=result.model,
+    )
+
+
+def _rejected(why: str) -> Outcome:
+    return Outcome("PRUNED", reason=f"{REJECTED}: {why}", attrs={"epochs_run": 0})
 
 
 def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outcome:
@@ -105,17 +125,20 @@ def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outco
     values = trial.suggest(job.experiment)
     config, params, refused = configure(job, values)
     run_id = tracker.start_run(
-        f"trial-{trial.number}", parent_id=parent_id,
+        f"trial-{trial.number}",
+        parent_id=parent_id,
         tags={"trial_number": trial.number, "study": trial.study.name, "state": "RUNNING"},
-        params={**{f"trial.{k}": v for k, v in values.items()},
-                **({} if refused else flatten_config(config)), "train.seed": params.seed},
+        params={
+            **{f"trial.{k}": v for k, v in values.items()},
+            **({} if refused else flatten_config(config)),
+            "train.seed": params.seed,
+        },
     )
     trial.set_attrs({"mlflow_run_id": run_id})
     if refused:
-        outcome = Outcome("PRUNED", reason=f"{REJECTED}: {refused}", attrs={"epochs_run": 0})
+        outcome = _rejected(refused)
     else:
-        callbacks = [tracker.epoch_logger(run_id),
-                     trial.pruning_callback(job.experiment.objective)]
+        callbacks = [tracker.epoch_logger(run_id), trial.pruning_callback(job.experiment.objective)]
         with trial.heartbeat(job.config.sweep.heartbeat_seconds):
             outcome = evaluate(job, config, params, callbacks)
     try:

@@ -18,16 +18,17 @@ import time
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.errors import UserError
-from pipeline.studies import Study, redact, worker_id
+from pipeline.errors import UserError, redact
+from pipeline.studies import Study, worker_id
 from pipeline.tracking import Tracker
 from pipeline.trial import Job, Outcome, run_trial
 
 log = logging.getLogger(__name__)
 
 
-def work(job: Job, study: Study, tracker: Tracker, parent_id: str,
-         max_trials: int | None = None) -> int:
+def work(
+    job: Job, study: Study, tracker: Tracker, parent_id: str, max_trials: int | None = None
+) -> int:
     """Claim and run trials until none is waiting; returns how many ran here."""
     started, done, failures = time.monotonic(), 0, 0
     while max_trials is None or done < max_trials:
@@ -40,13 +41,16 @@ def work(job: Job, study: Study, tracker: Tracker, parent_id: str,
         log.info(progress_line(job, study, trial.number, outcome, started, done))
         failures = failures + 1 if outcome.state == "FAIL" else 0
         if failures >= job.config.sweep.max_consecutive_failures:
-            raise UserError(f"{job.experiment.name}: {failures} trials in a row failed "
-                            f"(sweep.max_consecutive_failures); last error: {outcome.reason}")
+            raise UserError(
+                f"{job.experiment.name}: {failures} trials in a row failed "
+                f"(sweep.max_consecutive_failures); last error: {outcome.reason}"
+            )
     return done
 
 
-def progress_line(job: Job, study: Study, number: int, outcome: Outcome, started: float,
-                  done_here: int) -> str:
+def progress_line(
+    job: Job, study: Study, number: int, outcome: Outcome, started: float, done_here: int
+) -> str:
     """`padding 3/6 | trial 2 padding=same seed=1 | val_accuracy 0.9861 | best 0.9861 | ...`"""
     experiment = job.experiment
     records = study.records()
@@ -56,11 +60,16 @@ def progress_line(job: Job, study: Study, number: int, outcome: Outcome, started
     elapsed = time.monotonic() - started
     left = elapsed / max(done_here, 1) * max(experiment.n_trials - finished, 0)
     sampled = " ".join(f"{k}={_short(v)}" for k, v in params.items())
-    result = (f"{experiment.objective} {outcome.value:.4f}" if outcome.state == "COMPLETE"
-              else f"{outcome.state.lower()}: {outcome.reason[:80]}")
+    result = (
+        f"{experiment.objective} {outcome.value:.4f}"
+        if outcome.state == "COMPLETE"
+        else f"{outcome.state.lower()}: {outcome.reason[:80]}"
+    )
     best_text = f"{best.value:.4f}" if best is not None else "-"
-    return (f"{experiment.name} {finished}/{experiment.n_trials} | trial {number} {sampled} | "
-            f"{result} | best {best_text} | {_clock(elapsed)} elapsed, ~{_clock(left)} left")
+    return (
+        f"{experiment.name} {finished}/{experiment.n_trials} | trial {number} {sampled} | "
+        f"{result} | best {best_text} | {_clock(elapsed)} elapsed, ~{_clock(left)} left"
+    )
 
 
 def _short(value: Any) -> str:
@@ -76,9 +85,22 @@ def _clock(seconds: float) -> str:
 def _command(job: Job, max_trials: int | None) -> list[str]:
     """`ablate worker` for this job, with the config's source file and overrides."""
     config = job.config
-    command = [sys.executable, "-m", "pipeline.cli", "worker", "--params", str(config.source),
-               "--experiment", job.experiment.name, "--storage", config.sweep.storage,
-               "--tracking-uri", config.tracking.uri, "--wait", "0"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "worker",
+        "--params",
+        str(config.source),
+        "--experiment",
+        job.experiment.name,
+        "--storage",
+        config.sweep.storage,
+        "--tracking-uri",
+        config.tracking.uri,
+        "--wait",
+        "0",
+    ]
     if max_trials is not None:
         command += ["--max-trials", str(max_trials)]
     return command
@@ -118,8 +140,10 @@ def run_in_fresh_processes(job: Job, study: Study, per_process: int) -> None:
         with _children([_command(job, per_process)]) as (proc,):
             code = proc.wait()
         if code != 0 and study.count("WAITING") >= waiting:  # died before claiming a trial
-            raise UserError(f"{job.experiment.name}: a trial process exited with status "
-                            f"{code} before running a trial; see its error above")
+            raise UserError(
+                f"{job.experiment.name}: a trial process exited with status "
+                f"{code} before running a trial; see its error above"
+            )
 
 
 def wait_for_running(study: Study, run_waiting, poll: float = 2.0) -> None:
@@ -138,8 +162,9 @@ def wait_for_running(study: Study, run_waiting, poll: float = 2.0) -> None:
         time.sleep(poll)
 
 
-def main(config: Config, experiment: str, wait: float = 600.0,
-         max_trials: int | None = None) -> int:
+def main(
+    config: Config, experiment: str, wait: float = 600.0, max_trials: int | None = None
+) -> int:
     """`ablate worker`: join an existing study and run trials until its queue is empty."""
     job = Job.load(config, experiment)
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
@@ -153,7 +178,8 @@ def main(config: Config, experiment: str, wait: float = 600.0,
             raise UserError(
                 f"study {job.study_name} not found in {redact(config.sweep.storage)}; start "
                 f"it with `ablate sweep --experiment {experiment}` (same params.yaml and "
-                "data) first")
+                "data) first"
+            )
         time.sleep(2.0)
     ran = work(job, study, tracker, study.parent_run_id, max_trials)
     log.info("worker %s: ran %d trial(s) of study %s", worker_id(), ran, study.name)

@@ -21,8 +21,14 @@ import pytest
 from support import REPO_ROOT, running_mlflow_server, subprocess_env, write_params_file
 
 # What `dvc repro` needs from the repository; everything else stays behind.
-REPO_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".dvc/config",
-              ".dvc/.gitignore")
+REPO_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "pyproject.toml",
+    ".dvcignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+)
 REPO_DIRS = ("pipeline", "experiments")
 
 LAYOUTS = ("digit-recognizer", "kannada")
@@ -135,8 +141,14 @@ def run_cmd() -> Callable[..., subprocess.CompletedProcess]:
 
     def run(args: Sequence[str], cwd: Path, timeout: float = 300, **kwargs):
         return subprocess.run(
-            list(args), cwd=cwd, env=subprocess_env(Path(cwd)), capture_output=True, text=True,
-            timeout=timeout, check=False, **kwargs,
+            list(args),
+            cwd=cwd,
+            env=subprocess_env(Path(cwd)),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kwargs,
         )
 
     return run
@@ -155,8 +167,9 @@ def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
             shutil.copy2(REPO_ROOT / name, repo / name)
     for name in REPO_DIRS:
         if (REPO_ROOT / name).is_dir():
-            shutil.copytree(REPO_ROOT / name, repo / name,
-                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(
+                REPO_ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+            )
     if not (repo / ".dvc" / "config").is_file():
         pytest.fail(f"{REPO_ROOT}/.dvc/config is missing: is this a DVC repository?")
     subprocess.run(["git", "init", "-q", str(repo)], check=True, capture_output=True)
@@ -168,7 +181,7 @@ def repo_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def digits(prepared_digits: Path):
     """The offline 8x8 digits (`data.source: embedded`) through the real `prepare`:
     1150 train and 288 validation images, 10 classes. Shared; do not modify the arrays."""
-    from pipeline.prepare import load_prepared
+    from pipeline.dataset import load_prepared
 
     return load_prepared(prepared_digits)
 
@@ -186,9 +199,10 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def prepared_digits(tmp_path_factory) -> Path:
     """The embedded digits, fetched and prepared once into a folder that tests only read."""
+    from pipeline.dataset import save_prepared
     from pipeline.fetch import write_embedded
     from pipeline.params import PrepareParams
-    from pipeline.prepare import prepare, save_prepared
+    from pipeline.prepare import prepare
 
     root = tmp_path_factory.mktemp("digits")
     raw = root / "raw" / "digit-recognizer"

@@ -68,8 +68,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(found: Callable[[], Any], timeout: float, what: str,
-             explain: Callable[[], str] = str, poll: float = 0.1) -> Any:
+def wait_for(
+    found: Callable[[], Any],
+    timeout: float,
+    what: str,
+    explain: Callable[[], str] = str,
+    poll: float = 0.1,
+) -> Any:
     """Call `found()` until it returns something truthy and return that; fail the test
     after `timeout` seconds, saying `what` did not happen and `explain()`."""
     deadline = time.monotonic() + timeout
@@ -120,18 +125,31 @@ def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
     proxied through it into `root/artifacts`; yield its URL; stop its process group."""
     url = f"http://127.0.0.1:{free_port()}"
     command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-        "--port", url.rsplit(":", 1)[1], "--workers", "1",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        url.rsplit(":", 1)[1],
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--serve-artifacts",
     ]
     # No background job runners (huey consumers): nothing here uses them, CPUs are few.
     env = {**subprocess_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = root / "server.log"
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
+
         def up() -> bool:
             if process.poll() is not None:
                 pytest.fail(f"mlflow server exited with {process.returncode}:\n{tail(log)}")
@@ -157,14 +175,14 @@ class Postgres:
         errors = []
         for user in ("postgres", "root"):
             try:
-                admin = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=user, dbname="test",
-                                         connect_timeout=3)
+                admin = psycopg2.connect(
+                    host=PG_HOST, port=PG_PORT, user=user, dbname="test", connect_timeout=3
+                )
                 break
             except psycopg2.Error as exc:
                 errors.append(f"{user}: {str(exc).strip().splitlines()[0]}")
         else:
-            unavailable(f"PostgreSQL at {PG_HOST}:{PG_PORT} (database test): "
-                        f"{'; '.join(errors)}")
+            unavailable(f"PostgreSQL at {PG_HOST}:{PG_PORT} (database test): {'; '.join(errors)}")
         admin.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
         return cls(user, admin)
 
@@ -242,8 +260,10 @@ class Project:
     def configure(self, **sections: Any) -> None:
         """The repository's params with every path in this folder, these stores, and
         `sections` merged in."""
-        folders = {k: str(self.root / k) for k in ("raw", "models", "metrics", "reports",
-                                                  "submissions", "experiments")}
+        folders = {
+            k: str(self.root / k)
+            for k in ("raw", "models", "metrics", "reports", "submissions", "experiments")
+        }
         defaults = {
             "paths": {**folders, "prepared": str(self.prepared)},
             "tracking": {"uri": self.tracking_uri, "experiment": self.tracking_experiment},
@@ -272,9 +292,14 @@ class Project:
         """`ablate ARGS --params ...` in the background in its own process group, output
         to `<name>.log`; stopped by `stop_all`."""
         with (self.root / f"{name}.log").open("w") as out:
-            proc = subprocess.Popen(["ablate", *args, "--params", str(self.params)],
-                                    cwd=self.root, env=subprocess_env(), stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                ["ablate", *args, "--params", str(self.params)],
+                cwd=self.root,
+                env=subprocess_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -309,8 +334,9 @@ class Project:
 
         storage = make_storage(self.storage, 10)
         if name is None:
-            (name,) = [n for n in optuna.get_all_study_names(storage)
-                       if n.startswith(f"{experiment}-")]
+            (name,) = [
+                n for n in optuna.get_all_study_names(storage) if n.startswith(f"{experiment}-")
+            ]
         return optuna.load_study(study_name=name, storage=storage)
 
     def metrics(self, experiment: str = "padding") -> dict[str, Any]:

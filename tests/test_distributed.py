@@ -90,8 +90,9 @@ def make_project(tmp_path, prepared_digits):
     def make(name: str, storage: str, server: Server, epochs: int = 2, **sweep) -> Project:
         project = Project(tmp_path, prepared_digits, storage, server.url, f"distributed-{name}")
         project.add_experiment(name, GRID.format(name=name))
-        project.configure(data={"source": "embedded"}, train={"epochs": epochs},
-                          sweep={"n_workers": 1, **sweep})
+        project.configure(
+            data={"source": "embedded"}, train={"epochs": epochs}, sweep={"n_workers": 1, **sweep}
+        )
         made.append(project)
         return project
 
@@ -115,8 +116,9 @@ def check_study(project: Project, experiment: str, server: Server) -> dict:
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)), f"duplicate trial numbers: {numbers}"
 
-    retried = {t.system_attrs["failed_trial"]: t for t in trials
-               if "failed_trial" in t.system_attrs}
+    retried = {
+        t.system_attrs["failed_trial"]: t for t in trials if "failed_trial" in t.system_attrs
+    }
     slots = [t for t in trials if t.number not in retried]
     assert len(slots) == BUDGET, f"{len(slots)} budget slots: {states}"
     assert all(t.state.is_finished() for t in slots)
@@ -147,8 +149,7 @@ def check_study(project: Project, experiment: str, server: Server) -> dict:
     best = study.best_trial
     best_run = by_number[best.number]
     assert best_run.info.artifact_uri.startswith("mlflow-artifacts:"), best_run.info.artifact_uri
-    uploaded = list(server.artifacts.rglob(
-        f"{best_run.info.run_id}/artifacts/{CHECKPOINT}"))
+    uploaded = list(server.artifacts.rglob(f"{best_run.info.run_id}/artifacts/{CHECKPOINT}"))
     assert len(uploaded) == 1
     downloaded = project.model_file(experiment)
     assert zipfile.is_zipfile(downloaded)
@@ -157,12 +158,17 @@ def check_study(project: Project, experiment: str, server: Server) -> dict:
     metrics = project.metrics(experiment)
     assert metrics["study"] == study.study_name
     assert metrics["n_complete"] + metrics["n_pruned"] + metrics["n_failed"] == BUDGET
-    return {"trials": trials, "retried": retried, "children": by_number,
-            "owners": {_owner_pid(t) for t in trials if t.state == TrialState.COMPLETE}}
+    return {
+        "trials": trials,
+        "retried": retried,
+        "children": by_number,
+        "owners": {_owner_pid(t) for t in trials if t.state == TrialState.COMPLETE},
+    }
 
 
-def kill_mid_trial(project: Project, experiment: str, candidates, sweep_proc,
-                   timeout: float = 180.0):
+def kill_mid_trial(
+    project: Project, experiment: str, candidates, sweep_proc, timeout: float = 180.0
+):
     """SIGKILL the first of `candidates()` (pids) seen owning a RUNNING trial that already
     has its MLflow run; returns (pid, trial number)."""
 
@@ -200,8 +206,9 @@ def test_three_workers_share_a_postgresql_study(make_project, optuna_pg, pg_mlfl
     # Each worker process may run at most two trials: six trials need all three, whichever
     # of them starts first.
     project = make_project("scale_pg", optuna_pg, pg_mlflow_server, trials_per_process=2)
-    sweep_proc = project.start("sweep", "--experiment", "scale_pg", "--n-workers", "3",
-                               name="sweep")
+    sweep_proc = project.start(
+        "sweep", "--experiment", "scale_pg", "--n-workers", "3", name="sweep"
+    )
     assert project.wait(sweep_proc) == [0], project.logs()
 
     found = check_study(project, "scale_pg", pg_mlflow_server)
@@ -214,17 +221,20 @@ def test_three_workers_share_a_postgresql_study(make_project, optuna_pg, pg_mlfl
 
 
 @pytest.mark.slow
-def test_a_killed_worker_costs_one_retried_trial_on_postgresql(make_project, optuna_pg,
-                                                              pg_mlflow_server):
+def test_a_killed_worker_costs_one_retried_trial_on_postgresql(
+    make_project, optuna_pg, pg_mlflow_server
+):
     import psutil
 
     project = make_project("kill_pg", optuna_pg, pg_mlflow_server, epochs=3)
-    sweep_proc = project.start("sweep", "--experiment", "kill_pg", "--n-workers", "3",
-                               name="sweep")
+    sweep_proc = project.start("sweep", "--experiment", "kill_pg", "--n-workers", "3", name="sweep")
     # a worker process of the sweep: its parent reaps it late, a zombie meanwhile
     victim_pid, victim = kill_mid_trial(
-        project, "kill_pg", lambda: {c.pid for c in psutil.Process(sweep_proc.pid).children()},
-        sweep_proc)
+        project,
+        "kill_pg",
+        lambda: {c.pid for c in psutil.Process(sweep_proc.pid).children()},
+        sweep_proc,
+    )
     assert project.wait(sweep_proc) == [0], project.logs()
 
     found = check_study(project, "kill_pg", pg_mlflow_server)
@@ -232,15 +242,23 @@ def test_a_killed_worker_costs_one_retried_trial_on_postgresql(make_project, opt
     assert victim_pid not in found["owners"]
 
 
-def test_redis_workers_meet_the_budget_and_recover_a_killed_one(make_project, redis_url,
-                                                                pg_mlflow_server):
+def test_redis_workers_meet_the_budget_and_recover_a_killed_one(
+    make_project, redis_url, pg_mlflow_server
+):
     project = make_project("scale_redis", redis_url, pg_mlflow_server, epochs=3)
-    args = ("--experiment", "scale_redis", "--storage", redis_url,
-            "--tracking-uri", pg_mlflow_server.url)
+    args = (
+        "--experiment",
+        "scale_redis",
+        "--storage",
+        redis_url,
+        "--tracking-uri",
+        pg_mlflow_server.url,
+    )
     procs = [project.start("sweep", *args, name="sweep")]
     procs += [project.start("worker", *args, name=f"worker{i}") for i in (1, 2)]
-    victim_pid, victim = kill_mid_trial(project, "scale_redis", lambda: {p.pid for p in procs[1:]},
-                                        procs[0])
+    victim_pid, victim = kill_mid_trial(
+        project, "scale_redis", lambda: {p.pid for p in procs[1:]}, procs[0]
+    )
     killed = next(p for p in procs if p.pid == victim_pid)
     assert project.wait(killed, timeout=10) == [-signal.SIGKILL]  # reaped: pid is gone
     rest = [p for p in procs if p is not killed]

@@ -9,7 +9,7 @@ import json
 
 import yaml
 
-from pipeline.prepare import load_prepared
+from pipeline.dataset import load_prepared
 
 
 def _dvc(run_cmd, repo, *args: str) -> str:
@@ -27,7 +27,11 @@ def test_dvc_repro_prepare_runs_once_then_is_up_to_date(repo_copy, run_cmd, writ
 
     prepared = repo_copy / "data" / "prepared"
     assert sorted(p.name for p in prepared.iterdir()) == [
-        "meta.json", "test.npz", "train.npz", "val.npz"]
+        "meta.json",
+        "test.npz",
+        "train.npz",
+        "val.npz",
+    ]
     metrics = json.loads((repo_copy / "metrics" / "data.json").read_text())
     assert metrics["image_shape"] == [8, 8, 1]
     assert sum(metrics["rows"].values()) == 1797
@@ -44,13 +48,24 @@ def test_dvc_repro_prepare_runs_once_then_is_up_to_date(repo_copy, run_cmd, writ
 
 def test_a_new_study_is_one_file_and_one_list_entry(repo_copy, run_cmd, write_params):
     (repo_copy / "experiments" / "kernel.yaml").write_text(
-        "# Run: dvc repro sweep@kernel\nfactors:\n  kernel_size: [3, 5]\n")
-    write_params(repo_copy / "params.yaml",
-                 experiments=["padding", "strides", "dilation", "pooling", "regularization",
-                              "joint", "kernel"])
+        "# Run: dvc repro sweep@kernel\nfactors:\n  kernel_size: [3, 5]\n"
+    )
+    write_params(
+        repo_copy / "params.yaml",
+        experiments=[
+            "padding",
+            "strides",
+            "dilation",
+            "pooling",
+            "regularization",
+            "joint",
+            "kernel",
+        ],
+    )
 
     stages = _dvc(run_cmd, repo_copy, "stage", "list")
     assert "sweep@kernel" in stages
     # the report and the submission read every study's results: they wait for the new one
     for stage in ("report", "submit"):
-        assert '"sweep@kernel" -> "%s"' % stage in _dvc(run_cmd, repo_copy, "dag", "--dot", stage)
+        dag = _dvc(run_cmd, repo_copy, "dag", "--dot", stage)
+        assert f'"sweep@kernel" -> "{stage}"' in dag

@@ -24,14 +24,22 @@ def _md_rows(table: str) -> list[dict[str, str]]:
 
 
 def _git(repo, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
 
 
 @pytest.mark.slow
 def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
-    write_params(repo_copy / "params.yaml", data={"source": "embedded"},
-                 sweep={"n_trials": 2}, train={"epochs": 2})
+    write_params(
+        repo_copy / "params.yaml",
+        data={"source": "embedded"},
+        sweep={"n_trials": 2},
+        train={"epochs": 2},
+    )
 
     first = _dvc(run_cmd, repo_copy, "repro", "sweep@padding")
     for stage in ("fetch", "prepare", "sweep@padding"):
@@ -61,8 +69,7 @@ def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
     assert more["study"] == metrics["study"]
     assert (more["n_trials"], more["n_complete"]) == (3, 3)
 
-    rows = _md_rows(_dvc(run_cmd, repo_copy, "exp", "show", "--no-pager", "--md",
-                         stdout_only=True))
+    rows = _md_rows(_dvc(run_cmd, repo_copy, "exp", "show", "--no-pager", "--md", stdout_only=True))
     by_name = {row["Experiment"]: row for row in rows}
     assert (by_name["master"]["n_complete"], by_name["master"]["sweep.n_trials"]) == ("2", "2")
     experiment = [row for name, row in by_name.items() if name not in ("workspace", "master")]

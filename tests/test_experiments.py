@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import load_config, read_params
 from pipeline.errors import UserError
 from pipeline.experiments import (
     FACTORS,
@@ -20,9 +21,7 @@ from pipeline.experiments import (
     parse_experiment,
     study_name,
 )
-from pipeline.model import ModelConfig
-from pipeline.config import load_config, read_params
-from pipeline.model import ConvBlock
+from pipeline.model import ConvBlock, ModelConfig
 from pipeline.params import TrainParams
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -109,25 +108,39 @@ MALFORMED = {
     "no-factors": ("description: nothing to vary\n", "factors"),
     "unknown-factor": ("factors: {paddding: [same]}\n", "factors.paddding: unknown factor"),
     "unknown-level": ("factors: {padding: [full]}\n", "factors.padding: level 'full'"),
-    "string-range": ("factors: {padding: {low: 1, high: 2}}\nsampler: tpe\nn_trials: 2\n",
-                     "factors.padding: a range"),
+    "string-range": (
+        "factors: {padding: {low: 1, high: 2}}\nsampler: tpe\nn_trials: 2\n",
+        "factors.padding: a range",
+    ),
     "empty-levels": ("factors: {strides: []}\n", "factors.strides: expected a list"),
     "text-level": ("factors: {strides: [1, two]}\n", "factors.strides: level 'two'"),
     "fraction-level": ("factors: {strides: [1, 1.5]}\n", "factors.strides: level 1.5"),
     "repeated-level": ("factors: {strides: [1, 1]}\n", "factors.strides: levels must be distinct"),
-    "inverted-range": ("factors: {learning_rate: {low: 0.1, high: 0.01}}\nsampler: tpe\n"
-                       "n_trials: 2\n", "factors.learning_rate: low must be below high"),
-    "text-range": ("factors: {learning_rate: {low: a, high: b}}\nsampler: tpe\nn_trials: 2\n",
-                   "factors.learning_rate"),
-    "log-range-from-zero": ("factors: {learning_rate: {low: 0, high: 0.01, log: true}}\n"
-                            "sampler: tpe\nn_trials: 2\n", "factors.learning_rate"),
-    "fraction-int-range": ("factors: {kernel_size: {low: 1.5, high: 5}}\nsampler: random\n"
-                           "n_trials: 2\n", "factors.kernel_size"),
-    "range-in-grid": ("factors: {learning_rate: {low: 0.001, high: 0.01}}\n",
-                      "sampler grid needs lists"),
+    "inverted-range": (
+        "factors: {learning_rate: {low: 0.1, high: 0.01}}\nsampler: tpe\nn_trials: 2\n",
+        "factors.learning_rate: low must be below high",
+    ),
+    "text-range": (
+        "factors: {learning_rate: {low: a, high: b}}\nsampler: tpe\nn_trials: 2\n",
+        "factors.learning_rate",
+    ),
+    "log-range-from-zero": (
+        "factors: {learning_rate: {low: 0, high: 0.01, log: true}}\nsampler: tpe\nn_trials: 2\n",
+        "factors.learning_rate",
+    ),
+    "fraction-int-range": (
+        "factors: {kernel_size: {low: 1.5, high: 5}}\nsampler: random\nn_trials: 2\n",
+        "factors.kernel_size",
+    ),
+    "range-in-grid": (
+        "factors: {learning_rate: {low: 0.001, high: 0.01}}\n",
+        "sampler grid needs lists",
+    ),
     "seed-in-grid": ("factors: {seed: [0, 1]}\n", "factors.seed: use `repeats`"),
-    "unknown-objective": ("factors: {padding: [same]}\nobjective: f1\n",
-                          "objective: 'f1' is not a metric the training produces"),
+    "unknown-objective": (
+        "factors: {padding: [same]}\nobjective: f1\n",
+        "objective: 'f1' is not a metric the training produces",
+    ),
     "bad-direction": ("factors: {padding: [same]}\ndirection: up\n", "direction"),
     "bad-sampler": ("factors: {padding: [same]}\nsampler: cmaes\n", "sampler: 'cmaes'"),
     "bad-sampler-mapping": ("factors: {padding: [same]}\nsampler: {seed: 3}\n", "sampler"),
@@ -136,10 +149,14 @@ MALFORMED = {
     "text-repeats": ("factors: {padding: [same]}\nrepeats: three\n", "repeats"),
     "zero-n-trials": ("factors: {padding: [same]}\nn_trials: 0\n", "n_trials"),
     "tpe-without-budget": ("factors: {padding: [same, valid]}\nsampler: tpe\n", "n_trials"),
-    "base-level-not-a-level": ("factors: {padding: [same, valid]}\nbase_level: {padding: full}\n",
-                               "base_level.padding: 'full' must be one of the levels"),
-    "base-level-not-a-factor": ("factors: {padding: [same]}\nbase_level: {strides: 1}\n",
-                                "base_level.strides"),
+    "base-level-not-a-level": (
+        "factors: {padding: [same, valid]}\nbase_level: {padding: full}\n",
+        "base_level.padding: 'full' must be one of the levels",
+    ),
+    "base-level-not-a-factor": (
+        "factors: {padding: [same]}\nbase_level: {strides: 1}\n",
+        "base_level.strides",
+    ),
 }
 
 
@@ -185,8 +202,12 @@ def test_val_loss_objective_is_minimized(tmp_path):
 
 
 def test_numeric_range_keeps_the_factor_type(tmp_path):
-    _write(tmp_path, "ranges", "factors:\n  kernel_size: {low: 1, high: 5}\n"
-           "  learning_rate: {low: 0.0001, high: 0.01, log: true}\nsampler: tpe\nn_trials: 4\n")
+    _write(
+        tmp_path,
+        "ranges",
+        "factors:\n  kernel_size: {low: 1, high: 5}\n"
+        "  learning_rate: {low: 0.0001, high: 0.01, log: true}\nsampler: tpe\nn_trials: 4\n",
+    )
 
     factors = load_experiment(tmp_path, "ranges").factors
 
@@ -199,8 +220,15 @@ def test_numeric_range_keeps_the_factor_type(tmp_path):
 
 # A non-default level for every block factor; a new factor must be added here.
 BLOCK_LEVELS = {
-    "padding": "valid", "strides": 2, "dilation_rate": 2, "kernel_size": 5, "pooling": "avg",
-    "pool_size": 3, "regularization": "both", "dropout_rate": 0.5, "activation": "gelu",
+    "padding": "valid",
+    "strides": 2,
+    "dilation_rate": 2,
+    "kernel_size": 5,
+    "pooling": "avg",
+    "pool_size": 3,
+    "regularization": "both",
+    "dropout_rate": 0.5,
+    "activation": "gelu",
 }
 
 
@@ -216,16 +244,20 @@ def test_apply_factors_writes_a_block_factor_into_every_block(base, factor, leve
 
     assert [getattr(b, factor) for b in config.blocks] == [level] * len(base.blocks)
     # nothing else changes, and the base config is left alone
-    others = [dataclasses.replace(b, **{factor: getattr(o, factor)})
-              for b, o in zip(config.blocks, base.blocks, strict=True)]
+    others = [
+        dataclasses.replace(b, **{factor: getattr(o, factor)})
+        for b, o in zip(config.blocks, base.blocks, strict=True)
+    ]
     assert tuple(others) == base.blocks
     assert train == TrainParams()
 
 
 def test_apply_factors_model_and_train_factors(base):
-    config, train = apply_factors(base, TrainParams(seed=10),
-                                  {"width": 0.5, "learning_rate": 0.01, "dense_dropout": 0.1,
-                                   "seed": 2})
+    config, train = apply_factors(
+        base,
+        TrainParams(seed=10),
+        {"width": 0.5, "learning_rate": 0.01, "dense_dropout": 0.1, "seed": 2},
+    )
 
     assert [b.filters for b in config.blocks] == [b.filters // 2 for b in base.blocks]
     assert config.learning_rate == 0.01
@@ -244,8 +276,9 @@ def test_apply_factors_refuses_combinations_keras_cannot_build(base):
 
 
 def test_apply_factors_to_the_fully_connected_baseline():
-    config, _ = apply_factors(ModelConfig(blocks=()), TrainParams(),
-                              {"padding": "valid", "learning_rate": 0.01})
+    config, _ = apply_factors(
+        ModelConfig(blocks=()), TrainParams(), {"padding": "valid", "learning_rate": 0.01}
+    )
     assert config.blocks == ()
     assert config.learning_rate == 0.01
 
@@ -255,8 +288,9 @@ def test_apply_factors_to_the_fully_connected_baseline():
 PADDING = {"factors": {"padding": ["valid", "same"]}, "repeats": 2}
 
 
-def _name(base, experiment=PADDING, train=None, data_hash="0123abcd", n_trials=None,
-          name="padding") -> str:
+def _name(
+    base, experiment=PADDING, train=None, data_hash="0123abcd", n_trials=None, name="padding"
+) -> str:
     train = train or TrainParams()
     spec = parse_experiment(name, experiment, f"{name}.yaml", n_trials, base)
     return study_name(spec, base, train, data_hash)
@@ -273,17 +307,31 @@ def test_study_names_do_not_change_between_versions(tmp_path):
     still hashes to the same name: this one was recorded on 2026-11-29 (commit 3013653).
     If it fails, the hash changed, and every user's sweeps would start over."""
     _write(tmp_path, "padding", "factors: {padding: [valid, same]}\nrepeats: 3\n")
-    base = ModelConfig(blocks=(ConvBlock(filters=8, pooling="none"), ConvBlock(filters=16)),
-                       dense_units=(32,), dense_dropout=0.1, learning_rate=0.001)
+    base = ModelConfig(
+        blocks=(ConvBlock(filters=8, pooling="none"), ConvBlock(filters=16)),
+        dense_units=(32,),
+        dense_dropout=0.1,
+        learning_rate=0.001,
+    )
     spec = load_experiment(tmp_path, "padding", base=base)
     train = TrainParams(epochs=3, batch_size=32, patience=1, seed=0)
     assert study_name(spec, base, train, "0123456789abcdef") == "padding-092c2a9824"
 
 
-@pytest.mark.parametrize("change", [
-    "levels", "repeats", "sampler", "objective", "name", "base model", "train epochs",
-    "train seed", "data hash",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "levels",
+        "repeats",
+        "sampler",
+        "objective",
+        "name",
+        "base model",
+        "train epochs",
+        "train seed",
+        "data hash",
+    ],
+)
 def test_study_name_changes_with_what_defines_the_study(base, change):
     blocks = [dataclasses.replace(b, filters=b.filters * 2) for b in base.blocks]
     changed = {
@@ -310,8 +358,12 @@ def test_bad_sampler_arguments_are_refused_before_any_trial(base):
     from pipeline.experiments import parse_experiment
     from pipeline.studies import _sampler
 
-    experiment = parse_experiment("x", {"factors": {"padding": ["same"]}, "n_trials": 2,
-                                        "sampler": {"name": "tpe", "n_start": 3}}, "x.yaml", None,
-                                  base)
+    experiment = parse_experiment(
+        "x",
+        {"factors": {"padding": ["same"]}, "n_trials": 2, "sampler": {"name": "tpe", "n_start": 3}},
+        "x.yaml",
+        None,
+        base,
+    )
     with pytest.raises(UserError, match="experiments/x.yaml: sampler: .*n_start"):
         _sampler(experiment)

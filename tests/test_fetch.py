@@ -147,8 +147,11 @@ def test_a_competition_url_is_rejected_when_params_are_read():
     from pipeline.params import from_dict
 
     with pytest.raises(UserError, match="short name"):
-        from_dict(DataParams, {"competition": f"https://www.kaggle.com/competitions/{COMPETITION}"},
-                  "params.yaml: data")
+        from_dict(
+            DataParams,
+            {"competition": f"https://www.kaggle.com/competitions/{COMPETITION}"},
+            "params.yaml: data",
+        )
 
 
 # -- auto ------------------------------------------------------------------------------

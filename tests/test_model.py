@@ -35,7 +35,7 @@ def _block(**changes) -> ConvBlock:
 def _keras_name(name: str) -> str:
     """`check_shapes` layer name -> the Keras layer `build_model` gives it."""
     if name.startswith("blocks["):
-        index, kind = name[len("blocks["):].split("].")
+        index, kind = name[len("blocks[") :].split("].")
         return f"{kind}{index}"
     return name.replace("[", "").replace("]", "")  # dense[0] -> dense0; output
 
@@ -50,15 +50,24 @@ def _expected(shape) -> tuple[int, ...]:
 
 
 @pytest.mark.parametrize(
-    ("size", "padding", "stride_dilation", "kernel", "pool"), GRID,
+    ("size", "padding", "stride_dilation", "kernel", "pool"),
+    GRID,
     ids=[f"{s}px-{p}-s{sd[0]}d{sd[1]}-k{k}-{pl[0]}{pl[1]}" for s, p, sd, k, pl in GRID],
 )
 def test_check_shapes_matches_keras(size, padding, stride_dilation, kernel, pool, monkeypatch):
     strides, dilation = stride_dilation
     pooling, pool_size = pool
     config = ModelConfig(
-        blocks=(_block(kernel_size=kernel, padding=padding, strides=strides,
-                       dilation_rate=dilation, pooling=pooling, pool_size=pool_size),),
+        blocks=(
+            _block(
+                kernel_size=kernel,
+                padding=padding,
+                strides=strides,
+                dilation_rate=dilation,
+                pooling=pooling,
+                pool_size=pool_size,
+            ),
+        ),
         dense_units=(3,),
     )
     input_shape = (size, size, 1)
@@ -79,9 +88,18 @@ def test_grid_covers_both_outcomes():
     """The grid above is only meaningful if some designs collapse and most do not."""
     collapsed = 0
     for size, padding, (strides, dilation), kernel, (pooling, pool_size) in GRID:
-        config = ModelConfig(blocks=(_block(
-            kernel_size=kernel, padding=padding, strides=strides, dilation_rate=dilation,
-            pooling=pooling, pool_size=pool_size),))
+        config = ModelConfig(
+            blocks=(
+                _block(
+                    kernel_size=kernel,
+                    padding=padding,
+                    strides=strides,
+                    dilation_rate=dilation,
+                    pooling=pooling,
+                    pool_size=pool_size,
+                ),
+            )
+        )
         try:
             check_shapes(config, (size, size, 1), 4)
         except ShapeError:
@@ -92,10 +110,22 @@ def test_grid_covers_both_outcomes():
 def test_check_shapes_matches_keras_for_a_stack():
     config = ModelConfig(
         blocks=(
-            _block(filters=4, kernel_size=5, padding="valid", pooling="none",
-                   regularization="batchnorm"),
-            _block(filters=3, kernel_size=3, padding="same", strides=2, pooling="avg",
-                   pool_size=3, regularization="both"),
+            _block(
+                filters=4,
+                kernel_size=5,
+                padding="valid",
+                pooling="none",
+                regularization="batchnorm",
+            ),
+            _block(
+                filters=3,
+                kernel_size=3,
+                padding="same",
+                strides=2,
+                pooling="avg",
+                pool_size=3,
+                regularization="both",
+            ),
             _block(filters=5, kernel_size=3, padding="valid", dilation_rate=2, pooling="max"),
         ),
         dense_units=(7, 6),
@@ -104,8 +134,16 @@ def test_check_shapes_matches_keras_for_a_stack():
     shapes = check_shapes(config, (45, 41, 2), 3)
     keras_shapes = _keras_shapes(build_model(config, (45, 41, 2), 3))
     assert [s.name for s in shapes] == [
-        "blocks[0].conv", "blocks[0].batchnorm", "blocks[1].conv", "blocks[1].batchnorm",
-        "blocks[1].pool", "blocks[2].conv", "blocks[2].pool", "dense[0]", "dense[1]", "output",
+        "blocks[0].conv",
+        "blocks[0].batchnorm",
+        "blocks[1].conv",
+        "blocks[1].batchnorm",
+        "blocks[1].pool",
+        "blocks[2].conv",
+        "blocks[2].pool",
+        "dense[0]",
+        "dense[1]",
+        "output",
     ]
     for shape in shapes:
         assert keras_shapes[_keras_name(shape.name)] == _expected(shape), shape.name
@@ -115,9 +153,10 @@ def test_check_shapes_matches_keras_for_a_stack():
 
 
 BATCHNORM_BOTH = ModelConfig(
-    blocks=(_block(filters=6, regularization="batchnorm", pooling="none"),
-            _block(filters=8, kernel_size=5, padding="valid", regularization="both",
-                   pooling="avg")),
+    blocks=(
+        _block(filters=6, regularization="batchnorm", pooling="none"),
+        _block(filters=8, kernel_size=5, padding="valid", regularization="both", pooling="avg"),
+    ),
     dense_units=(16,),
 )
 
@@ -126,23 +165,37 @@ BATCHNORM_BOTH = ModelConfig(
     ("config", "input_shape"),
     [
         (ModelConfig(), (28, 28, 1)),
-        (ModelConfig.from_dict({
-            "blocks": [{"filters": 32, "padding": "same", "pooling": "none"},
-                       {"filters": 64, "pooling": "max"}],
-            "dense_units": [128], "dense_dropout": 0.3, "learning_rate": 0.002,
-        }), (28, 28, 1)),
+        (
+            ModelConfig.from_dict(
+                {
+                    "blocks": [
+                        {"filters": 32, "padding": "same", "pooling": "none"},
+                        {"filters": 64, "pooling": "max"},
+                    ],
+                    "dense_units": [128],
+                    "dense_dropout": 0.3,
+                    "learning_rate": 0.002,
+                }
+            ),
+            (28, 28, 1),
+        ),
         (BATCHNORM_BOTH, (12, 12, 3)),
-        (ModelConfig(blocks=(_block(strides=3, padding="valid", pooling="none"),),
-                     dense_units=()), (9, 9, 1)),
+        (
+            ModelConfig(
+                blocks=(_block(strides=3, padding="valid", pooling="none"),), dense_units=()
+            ),
+            (9, 9, 1),
+        ),
         (ModelConfig(blocks=(), dense_units=(32, 16)), (8, 8, 1)),  # fully connected
         (ModelConfig(blocks=(), dense_units=()), (8, 8, 1)),  # logistic regression
     ],
-    ids=["default", "params-yaml-base", "batchnorm", "strided-no-dense", "dense-only",
-         "linear"],
+    ids=["default", "params-yaml-base", "batchnorm", "strided-no-dense", "dense-only", "linear"],
 )
 def test_count_params_matches_keras(config, input_shape):
-    assert count_params(check_shapes(config, input_shape, 10)) == \
-        build_model(config, input_shape, 10).count_params()
+    assert (
+        count_params(check_shapes(config, input_shape, 10))
+        == build_model(config, input_shape, 10).count_params()
+    )
 
 
 def test_macs_by_hand():
@@ -164,10 +217,16 @@ def test_macs_by_hand():
 def test_dilation_and_stride_change_macs_as_the_arithmetic_says():
     base = _block(filters=4, kernel_size=3, padding="same", pooling="none")
     same = check_shapes(ModelConfig(blocks=(base,), dense_units=()), (10, 10, 2), 2)[0]
-    strided = check_shapes(ModelConfig(blocks=(dataclasses.replace(base, strides=2),),
-                                       dense_units=()), (10, 10, 2), 2)[0]
-    dilated = check_shapes(ModelConfig(blocks=(dataclasses.replace(
-        base, padding="valid", dilation_rate=2),), dense_units=()), (10, 10, 2), 2)[0]
+    strided = check_shapes(
+        ModelConfig(blocks=(dataclasses.replace(base, strides=2),), dense_units=()), (10, 10, 2), 2
+    )[0]
+    dilated = check_shapes(
+        ModelConfig(
+            blocks=(dataclasses.replace(base, padding="valid", dilation_rate=2),), dense_units=()
+        ),
+        (10, 10, 2),
+        2,
+    )[0]
     assert same.macs == 10 * 10 * 4 * 9 * 2
     assert strided.macs == 5 * 5 * 4 * 9 * 2
     assert dilated.output == (6, 6, 4)  # effective kernel 5
@@ -176,10 +235,12 @@ def test_dilation_and_stride_change_macs_as_the_arithmetic_says():
 
 
 def test_collapse_names_the_layer_and_sizes():
-    config = ModelConfig(blocks=(
-        _block(kernel_size=3, padding="valid", pooling="max"),  # 8 -> 6 -> 3
-        _block(kernel_size=5, padding="valid", pooling="none"),  # 3 -> -1
-    ))
+    config = ModelConfig(
+        blocks=(
+            _block(kernel_size=3, padding="valid", pooling="max"),  # 8 -> 6 -> 3
+            _block(kernel_size=5, padding="valid", pooling="none"),  # 3 -> -1
+        )
+    )
     with pytest.raises(ShapeError, match=r"blocks\[1\]\.conv") as caught:
         check_shapes(config, (8, 8, 1), 10)
     message = str(caught.value)
@@ -209,30 +270,56 @@ def _model_dict(**block_changes) -> dict:
 @pytest.mark.parametrize(
     ("data", "patterns"),
     [
-        (_model_dict(padding="full"),
-         [r"model\.blocks\[0\]\.padding", "'full' is not allowed", "valid, same"]),
+        (
+            _model_dict(padding="full"),
+            [r"model\.blocks\[0\]\.padding", "'full' is not allowed", "valid, same"],
+        ),
         (_model_dict(pooling="global"), [r"blocks\[0\]\.pooling", "none, max, avg"]),
-        (_model_dict(regularization="l2"),
-         [r"blocks\[0\]\.regularization", "none, dropout, batchnorm, both"]),
+        (
+            _model_dict(regularization="l2"),
+            [r"blocks\[0\]\.regularization", "none, dropout, batchnorm, both"],
+        ),
         (_model_dict(dropout_rate=-0.1), [r"blocks\[0\]", "dropout_rate", r"\[0, 1\)", "-0.1"]),
         (_model_dict(strides=0), [r"blocks\[0\]", "strides", ">= 1", "got 0"]),
         (_model_dict(kernel_size=3.5), [r"blocks\[0\]\.kernel_size", "expected an integer"]),
-        (_model_dict(strides=2, dilation_rate=2),
-         [r"blocks\[0\]", "strides > 1 together with dilation_rate > 1", "set one of them to 1"]),
-        (_model_dict(kernal_size=3),
-         [r"blocks\[0\]", r"unknown key\(s\) \['kernal_size'\]", "allowed: filters, kernel_size"]),
-        ({**_model_dict(), "dense_unit": [8]},
-         [r"unknown key\(s\) \['dense_unit'\]", "allowed: blocks, dense_units"]),
+        (
+            _model_dict(strides=2, dilation_rate=2),
+            [r"blocks\[0\]", "strides > 1 together with dilation_rate > 1", "set one of them to 1"],
+        ),
+        (
+            _model_dict(kernal_size=3),
+            [
+                r"blocks\[0\]",
+                r"unknown key\(s\) \['kernal_size'\]",
+                "allowed: filters, kernel_size",
+            ],
+        ),
+        (
+            {**_model_dict(), "dense_unit": [8]},
+            [r"unknown key\(s\) \['dense_unit'\]", "allowed: blocks, dense_units"],
+        ),
         ({**_model_dict(), "dense_dropout": 1.0}, ["dense_dropout", r"\[0, 1\)"]),
         ({**_model_dict(), "learning_rate": 0}, ["learning_rate", "> 0"]),
         ({**_model_dict(), "dense_units": 128}, ["dense_units", "list of integers"]),
         ({"blocks": {"filters": 8}}, [r"model\.blocks", "list of conv blocks"]),
         ([1, 2], ["expected a mapping"]),
     ],
-    ids=["padding", "pooling", "regularization", "negative-dropout", "stride-0",
-         "float-kernel", "strides-with-dilation", "unknown-block-key", "unknown-model-key",
-         "dense-dropout-1", "learning-rate-0", "dense-units-int", "blocks-mapping",
-         "not-a-mapping"],
+    ids=[
+        "padding",
+        "pooling",
+        "regularization",
+        "negative-dropout",
+        "stride-0",
+        "float-kernel",
+        "strides-with-dilation",
+        "unknown-block-key",
+        "unknown-model-key",
+        "dense-dropout-1",
+        "learning-rate-0",
+        "dense-units-int",
+        "blocks-mapping",
+        "not-a-mapping",
+    ],
 )
 def test_invalid_config_names_field_and_allowed_values(data, patterns):
     with pytest.raises(UserError) as caught:
@@ -245,20 +332,32 @@ def test_invalid_config_names_field_and_allowed_values(data, patterns):
 
 
 def test_from_dict_round_trips_to_dict():
-    config = ModelConfig(blocks=(BATCHNORM_BOTH.blocks[1], _block(activation="gelu")),
-                         dense_units=(4, 2), dense_dropout=0.1, learning_rate=0.01)
+    config = ModelConfig(
+        blocks=(BATCHNORM_BOTH.blocks[1], _block(activation="gelu")),
+        dense_units=(4, 2),
+        dense_dropout=0.1,
+        learning_rate=0.01,
+    )
     assert ModelConfig.from_dict(config.to_dict()) == config
 
 
 def test_flatten_config_names_are_config_fields():
-    config = ModelConfig(blocks=(_block(padding="valid"), _block(strides=2)),
-                         dense_units=(64, 32), dense_dropout=0.2, learning_rate=0.003)
+    config = ModelConfig(
+        blocks=(_block(padding="valid"), _block(strides=2)),
+        dense_units=(64, 32),
+        dense_dropout=0.2,
+        learning_rate=0.003,
+    )
     flat = flatten_config(config)
     block_fields = [f.name for f in dataclasses.fields(ConvBlock)]
     expected_block_keys = {f"blocks.{i}.{name}" for i in range(2) for name in block_fields}
     assert expected_block_keys <= set(flat)
     assert set(flat) - expected_block_keys == {
-        "n_blocks", "dense_units", "dense_dropout", "learning_rate"}
+        "n_blocks",
+        "dense_units",
+        "dense_dropout",
+        "learning_rate",
+    }
     assert flat["blocks.0.padding"] == "valid"
     assert flat["blocks.1.strides"] == 2
     assert flat["n_blocks"] == 2
@@ -273,8 +372,12 @@ def test_flatten_config_names_are_config_fields():
 
 def test_flatten_config_of_the_dense_baseline():
     flat = flatten_config(ModelConfig(blocks=(), dense_units=()))
-    assert flat == {"n_blocks": 0, "dense_units": "none", "dense_dropout": 0.0,
-                    "learning_rate": 1e-3}
+    assert flat == {
+        "n_blocks": 0,
+        "dense_units": "none",
+        "dense_dropout": 0.0,
+        "learning_rate": 1e-3,
+    }
 
 
 def test_missing_model_keys_keep_the_defaults_and_empty_blocks_is_the_baseline():

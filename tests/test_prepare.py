@@ -13,14 +13,21 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.dataset import load_prepared
 from pipeline.params import PrepareParams
-from pipeline.prepare import load_prepared, prepare
+from pipeline.prepare import prepare
 
 RAW = Path("data/raw/digit-recognizer")
 PREPARED = Path("data/prepared")
 METRICS = Path("metrics/data.json")
-MNIST10K_ZIP = (Path(__file__).parents[1] / ".." / "shared" / "data"
-                / "digit-recognizer-mnist10k" / "digit-recognizer.zip").resolve()
+MNIST10K_ZIP = (
+    Path(__file__).parents[1]
+    / ".."
+    / "shared"
+    / "data"
+    / "digit-recognizer-mnist10k"
+    / "digit-recognizer.zip"
+).resolve()
 
 
 @pytest.fixture
@@ -50,10 +57,12 @@ def _sorted_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ("layout", "side", "n_classes", "per_class"),
     [("digit-recognizer", 4, 3, 10), ("kannada", 8, 10, 5)],
 )
-def test_prepare_builds_images_split_and_meta(make_competition, tmp_path, layout, side,
-                                              n_classes, per_class):
-    comp = make_competition(tmp_path / "raw", layout, side=side, n_classes=n_classes,
-                            per_class=per_class, n_test=7)
+def test_prepare_builds_images_split_and_meta(
+    make_competition, tmp_path, layout, side, n_classes, per_class
+):
+    comp = make_competition(
+        tmp_path / "raw", layout, side=side, n_classes=n_classes, per_class=per_class, n_test=7
+    )
     data, metrics = prepare(comp.folder, "some-comp", PrepareParams(val_fraction=0.2))
 
     n = n_classes * per_class
@@ -67,13 +76,15 @@ def test_prepare_builds_images_split_and_meta(make_competition, tmp_path, layout
     # Stratified: classes are balanced in the input, so they stay balanced on both sides.
     assert np.bincount(data.y_val, minlength=n_classes).tolist() == [n_val // n_classes] * n_classes
     assert np.bincount(data.y_train, minlength=n_classes).tolist() == (
-        [per_class - n_val // n_classes] * n_classes)
+        [per_class - n_val // n_classes] * n_classes
+    )
 
     # No row lost, duplicated, or separated from its label; pixels scaled by 1/255.
     pixels = comp.train.filter(like="pixel").to_numpy() / 255.0
     expected = _sorted_rows(pixels.astype(np.float32), comp.train["label"].to_numpy())
-    got = _sorted_rows(np.concatenate([data.x_train, data.x_val]),
-                       np.concatenate([data.y_train, data.y_val]))
+    got = _sorted_rows(
+        np.concatenate([data.x_train, data.x_val]), np.concatenate([data.y_train, data.y_val])
+    )
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     # Test rows keep the file's order.
     test_pixels = comp.test.filter(like="pixel").to_numpy() / 255.0
@@ -81,10 +92,12 @@ def test_prepare_builds_images_split_and_meta(make_competition, tmp_path, layout
 
     meta = data.meta
     assert (meta.competition, meta.n_classes, meta.image_shape) == (
-        "some-comp", n_classes, (side, side, 1))
+        "some-comp",
+        n_classes,
+        (side, side, 1),
+    )
     if layout == "digit-recognizer":
-        assert (meta.id_column, meta.label_column, meta.explicit_ids) == (
-            "ImageId", "Label", False)
+        assert (meta.id_column, meta.label_column, meta.explicit_ids) == ("ImageId", "Label", False)
         assert data.test_ids.tolist() == list(range(1, 8))
     else:
         assert (meta.id_column, meta.label_column, meta.explicit_ids) == ("id", "label", True)
@@ -129,7 +142,11 @@ def test_cli_prepare_writes_outputs_that_load_back(workdir, make_competition, la
     assert loaded.meta == expected.meta
     assert json.loads(METRICS.read_text()) == metrics
     assert sorted(p.name for p in PREPARED.iterdir()) == [
-        "meta.json", "test.npz", "train.npz", "val.npz"]
+        "meta.json",
+        "test.npz",
+        "train.npz",
+        "val.npz",
+    ]
 
 
 def test_embedded_digits_prepare(embedded_raw):
@@ -165,7 +182,7 @@ def set_cell(path: Path, line: int, column: str, value: str) -> None:
 def drop_column(path: Path, column: str) -> None:
     rows = [line.split(",") for line in _lines(path)]
     col = rows[0].index(column)
-    _save(path, [",".join(r[:col] + r[col + 1:]) for r in rows])
+    _save(path, [",".join(r[:col] + r[col + 1 :]) for r in rows])
 
 
 def add_column(path: Path, name: str, value: str = "0") -> None:
@@ -218,73 +235,148 @@ def _p(folder: Path, name: str = "train") -> Path:
 
 BAD_INPUTS = [
     Bad("missing-train", lambda f: _p(f).unlink(), ("train.csv", "not found")),
-    Bad("missing-sample", lambda f: _p(f, "sample").unlink(),
-        ("sample_submission.csv", "not found")),
+    Bad(
+        "missing-sample", lambda f: _p(f, "sample").unlink(), ("sample_submission.csv", "not found")
+    ),
     Bad("empty-test", lambda f: _p(f, "test").write_text(""), ("test.csv", "empty")),
-    Bad("header-only-train", lambda f: edit_lines(_p(f), lambda ls: ls[:1]),
-        ("train.csv", "no rows")),
-    Bad("train-without-header", lambda f: edit_lines(_p(f), lambda ls: ls[1:]),
-        ("train.csv", "header")),
-    Bad("test-without-header", lambda f: edit_lines(_p(f, "test"), lambda ls: ls[1:]),
-        ("test.csv", "header")),
-    Bad("sample-without-header", lambda f: edit_lines(_p(f, "sample"), lambda ls: ls[1:]),
-        ("sample_submission.csv", "header")),
-    Bad("unexpected-column", lambda f: add_column(_p(f, "test"), "extra"),
-        ("test.csv", "header", "'extra'")),
-    Bad("misnamed-pixel", lambda f: rename_column(_p(f), "pixel3", "pix3"),
-        ("train.csv", "pixel")),
-    Bad("pixels-out-of-order", lambda f: rename_column(_p(f), "pixel0", "pixel99"),
-        ("train.csv", "pixel")),
-    Bad("non-numeric-pixel", lambda f: set_cell(_p(f), 5, "pixel2", "abc"),
-        ("train.csv", "line 5", "column pixel2", "'abc'")),
-    Bad("pixel-above-255", lambda f: set_cell(_p(f, "test"), 3, "pixel7", "256"),
-        ("test.csv", "line 3", "column pixel7", "0..255")),
-    Bad("negative-pixel", lambda f: set_cell(_p(f), 9, "pixel0", "-1"),
-        ("train.csv", "line 9", "column pixel0", "0..255")),
-    Bad("empty-cell", lambda f: set_cell(_p(f), 4, "pixel15", ""),
-        ("train.csv", "line 4", "column pixel15", "missing")),
-    Bad("not-a-square", lambda f: [drop_column(_p(f, n), "pixel15") for n in ("train", "test")],
-        ("train.csv", "15", "square")),
-    Bad("train-test-sizes-differ", lambda f: drop_column(_p(f, "test"), "pixel15"),
-        ("test.csv", "15", "16")),
-    Bad("image-size-disagrees", lambda f: None, ("train.csv", "image_size"),
-        prepare={"image_size": 3}),
-    Bad("label-missing-from-train", lambda f: drop_column(_p(f), "label"),
-        ("train.csv", "label")),
-    Bad("label-in-test", lambda f: add_column(_p(f, "test"), "Label", "3"),
-        ("test.csv", "label")),
-    Bad("bad-label", lambda f: set_cell(_p(f), 6, "label", "1.5"),
-        ("train.csv", "line 6", "column label: 1.5 ")),
-    Bad("duplicate-test-id", lambda f: set_cell(_p(f, "test"), 5, "id", "1"),
-        ("test.csv", "line 5", "column id", "duplicate id 1;"), layout="kannada"),
-    Bad("duplicate-sample-id", lambda f: set_cell(_p(f, "sample"), 4, "ImageId", "2"),
-        ("sample_submission.csv", "line 4", "column ImageId", "duplicate id 2;")),
-    Bad("test-row-missing", lambda f: edit_lines(_p(f, "test"), lambda ls: ls[:-1]),
-        ("test.csv", "sample_submission.csv", "5 rows", "6")),
-    Bad("sample-id-not-in-test", lambda f: set_cell(_p(f, "sample"), 2, "id", "99"),
-        ("sample_submission.csv: id 99 has no row", "test.csv"), layout="kannada"),
-    Bad("ids-start-at-zero", lambda f: edit_lines(_p(f, "sample"), number_from_zero),
-        ("sample_submission.csv: id 0 has no row", "test.csv")),
-    Bad("sample-three-columns", lambda f: add_column(_p(f, "sample"), "Extra"),
-        ("sample_submission.csv", "two columns")),
-    Bad("ragged-row", lambda f: edit_lines(_p(f), lambda ls: ls[:4] + [ls[4] + ",7"] + ls[5:]),
-        ("train.csv", "malformed", "line 5")),
-    Bad("short-row", lambda f: edit_lines(_p(f), lambda ls: ls[:6] + ["1,2,3"] + ls[7:]),
-        ("train.csv", "line 7", "column pixel2")),
-    Bad("binary-file", lambda f: _p(f, "test").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe"),
-        ("test.csv", "not a text CSV")),
-    Bad("single-row-class", lambda f: keep_classes(_p(f), {0: 10, 1: 10, 2: 1}),
-        ("train.csv", "class 2")),
-    Bad("too-few-rows-to-split", lambda f: keep_classes(_p(f), {0: 2, 1: 2, 2: 2}),
-        ("train.csv", "3 classes", "val_fraction")),
+    Bad(
+        "header-only-train",
+        lambda f: edit_lines(_p(f), lambda ls: ls[:1]),
+        ("train.csv", "no rows"),
+    ),
+    Bad(
+        "train-without-header",
+        lambda f: edit_lines(_p(f), lambda ls: ls[1:]),
+        ("train.csv", "header"),
+    ),
+    Bad(
+        "test-without-header",
+        lambda f: edit_lines(_p(f, "test"), lambda ls: ls[1:]),
+        ("test.csv", "header"),
+    ),
+    Bad(
+        "sample-without-header",
+        lambda f: edit_lines(_p(f, "sample"), lambda ls: ls[1:]),
+        ("sample_submission.csv", "header"),
+    ),
+    Bad(
+        "unexpected-column",
+        lambda f: add_column(_p(f, "test"), "extra"),
+        ("test.csv", "header", "'extra'"),
+    ),
+    Bad("misnamed-pixel", lambda f: rename_column(_p(f), "pixel3", "pix3"), ("train.csv", "pixel")),
+    Bad(
+        "pixels-out-of-order",
+        lambda f: rename_column(_p(f), "pixel0", "pixel99"),
+        ("train.csv", "pixel"),
+    ),
+    Bad(
+        "non-numeric-pixel",
+        lambda f: set_cell(_p(f), 5, "pixel2", "abc"),
+        ("train.csv", "line 5", "column pixel2", "'abc'"),
+    ),
+    Bad(
+        "pixel-above-255",
+        lambda f: set_cell(_p(f, "test"), 3, "pixel7", "256"),
+        ("test.csv", "line 3", "column pixel7", "0..255"),
+    ),
+    Bad(
+        "negative-pixel",
+        lambda f: set_cell(_p(f), 9, "pixel0", "-1"),
+        ("train.csv", "line 9", "column pixel0", "0..255"),
+    ),
+    Bad(
+        "empty-cell",
+        lambda f: set_cell(_p(f), 4, "pixel15", ""),
+        ("train.csv", "line 4", "column pixel15", "missing"),
+    ),
+    Bad(
+        "not-a-square",
+        lambda f: [drop_column(_p(f, n), "pixel15") for n in ("train", "test")],
+        ("train.csv", "15", "square"),
+    ),
+    Bad(
+        "train-test-sizes-differ",
+        lambda f: drop_column(_p(f, "test"), "pixel15"),
+        ("test.csv", "15", "16"),
+    ),
+    Bad(
+        "image-size-disagrees",
+        lambda f: None,
+        ("train.csv", "image_size"),
+        prepare={"image_size": 3},
+    ),
+    Bad("label-missing-from-train", lambda f: drop_column(_p(f), "label"), ("train.csv", "label")),
+    Bad("label-in-test", lambda f: add_column(_p(f, "test"), "Label", "3"), ("test.csv", "label")),
+    Bad(
+        "bad-label",
+        lambda f: set_cell(_p(f), 6, "label", "1.5"),
+        ("train.csv", "line 6", "column label: 1.5 "),
+    ),
+    Bad(
+        "duplicate-test-id",
+        lambda f: set_cell(_p(f, "test"), 5, "id", "1"),
+        ("test.csv", "line 5", "column id", "duplicate id 1;"),
+        layout="kannada",
+    ),
+    Bad(
+        "duplicate-sample-id",
+        lambda f: set_cell(_p(f, "sample"), 4, "ImageId", "2"),
+        ("sample_submission.csv", "line 4", "column ImageId", "duplicate id 2;"),
+    ),
+    Bad(
+        "test-row-missing",
+        lambda f: edit_lines(_p(f, "test"), lambda ls: ls[:-1]),
+        ("test.csv", "sample_submission.csv", "5 rows", "6"),
+    ),
+    Bad(
+        "sample-id-not-in-test",
+        lambda f: set_cell(_p(f, "sample"), 2, "id", "99"),
+        ("sample_submission.csv: id 99 has no row", "test.csv"),
+        layout="kannada",
+    ),
+    Bad(
+        "ids-start-at-zero",
+        lambda f: edit_lines(_p(f, "sample"), number_from_zero),
+        ("sample_submission.csv: id 0 has no row", "test.csv"),
+    ),
+    Bad(
+        "sample-three-columns",
+        lambda f: add_column(_p(f, "sample"), "Extra"),
+        ("sample_submission.csv", "two columns"),
+    ),
+    Bad(
+        "ragged-row",
+        lambda f: edit_lines(_p(f), lambda ls: ls[:4] + [ls[4] + ",7"] + ls[5:]),
+        ("train.csv", "malformed", "line 5"),
+    ),
+    Bad(
+        "short-row",
+        lambda f: edit_lines(_p(f), lambda ls: ls[:6] + ["1,2,3"] + ls[7:]),
+        ("train.csv", "line 7", "column pixel2"),
+    ),
+    Bad(
+        "binary-file",
+        lambda f: _p(f, "test").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe"),
+        ("test.csv", "not a text CSV"),
+    ),
+    Bad(
+        "single-row-class",
+        lambda f: keep_classes(_p(f), {0: 10, 1: 10, 2: 1}),
+        ("train.csv", "class 2"),
+    ),
+    Bad(
+        "too-few-rows-to-split",
+        lambda f: keep_classes(_p(f), {0: 2, 1: 2, 2: 2}),
+        ("train.csv", "3 classes", "val_fraction"),
+    ),
 ]
 
 
 def _break(case: Bad, workdir: Path, write_params, make_competition) -> None:
     make_competition(workdir / RAW, case.layout)
     if case.prepare:
-        write_params(workdir / "params.yaml", data={"source": "embedded"},
-                     prepare=case.prepare)
+        write_params(workdir / "params.yaml", data={"source": "embedded"}, prepare=case.prepare)
     case.breaks(workdir / RAW)
 
 
@@ -316,12 +408,17 @@ def _snapshot(*roots: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in BAD_INPUTS if c.name in {"missing-train", "non-numeric-pixel",
-                                                   "duplicate-test-id", "test-row-missing"}],
+    "case",
+    [
+        c
+        for c in BAD_INPUTS
+        if c.name in {"missing-train", "non-numeric-pixel", "duplicate-test-id", "test-row-missing"}
+    ],
     ids=lambda c: c.name,
 )
-def test_bad_input_leaves_previous_output_untouched(workdir, make_competition, write_params,
-                                                    capsys, case):
+def test_bad_input_leaves_previous_output_untouched(
+    workdir, make_competition, write_params, capsys, case
+):
     make_competition(workdir / RAW, case.layout, seed=7)
     assert _ablate("prepare") == 0
     before = _snapshot(PREPARED, METRICS)
@@ -333,11 +430,13 @@ def test_bad_input_leaves_previous_output_untouched(workdir, make_competition, w
 
 
 @pytest.mark.parametrize(
-    "case", [c for c in BAD_INPUTS if c.name in {"missing-train", "non-numeric-pixel"}],
+    "case",
+    [c for c in BAD_INPUTS if c.name in {"missing-train", "non-numeric-pixel"}],
     ids=lambda c: c.name,
 )
-def test_bad_input_exit_code_from_the_real_command(workdir, make_competition, write_params,
-                                                   run_cmd, case):
+def test_bad_input_exit_code_from_the_real_command(
+    workdir, make_competition, write_params, run_cmd, case
+):
     _break(case, workdir, write_params, make_competition)
     result = run_cmd(["ablate", "prepare", "--params", "params.yaml"], cwd=workdir)
     assert result.returncode == 2, result.stderr
@@ -367,16 +466,19 @@ def test_mnist10k_zip_fetch_and_prepare(workdir, write_params):
 
 
 def test_kannada_style_zip_fetch_and_prepare(workdir, write_params, make_competition):
-    comp = make_competition(workdir / "build" / "Kannada-MNIST", "kannada", side=8,
-                            n_classes=10, per_class=5, n_test=5)
+    comp = make_competition(
+        workdir / "build" / "Kannada-MNIST", "kannada", side=8, n_classes=10, per_class=5, n_test=5
+    )
     # Like the real download: an extra file prepare must ignore, inside one top folder.
     (comp.folder / "Dig-MNIST.csv").write_text(comp.train_path.read_text())
     archive = workdir / "Kannada-MNIST.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in comp.folder.iterdir():
             zf.write(path, f"Kannada-MNIST/{path.name}")
-    write_params(workdir / "params.yaml", data={"source": "zip", "zip": str(archive),
-                                                "competition": "Kannada-MNIST"})
+    write_params(
+        workdir / "params.yaml",
+        data={"source": "zip", "zip": str(archive), "competition": "Kannada-MNIST"},
+    )
 
     assert _ablate("fetch") == 0
     assert _ablate("prepare") == 0
@@ -384,7 +486,10 @@ def test_kannada_style_zip_fetch_and_prepare(workdir, write_params, make_competi
     data = load_prepared(PREPARED)
     assert data.meta.competition == "Kannada-MNIST"
     assert (data.meta.id_column, data.meta.label_column, data.meta.explicit_ids) == (
-        "id", "label", True)
+        "id",
+        "label",
+        True,
+    )
     assert data.meta.image_shape == (8, 8, 1)
     assert len(data.y_train) + len(data.y_val) == 50
     assert data.test_ids.tolist() == [0, 1, 2, 3, 4]

@@ -11,12 +11,17 @@ import optuna
 import pytest
 
 from pipeline.experiments import parse_experiment
-from pipeline.report import build_report, level_effects, pareto_front, regularization_answer
-from pipeline.studies import TrialRecord
+from pipeline.records import TrialRecord
+from pipeline.report import build_report, regularization_answer
+from pipeline.stats import level_effects, pareto_front
 
 SETTINGS = types.SimpleNamespace(bootstrap=2000, confidence=0.95, seed=0)
-HISTORY = {"loss": [1.0, 0.5], "accuracy": [0.6, 0.9], "val_loss": [0.9, 0.6],
-           "val_accuracy": [0.7, 0.9]}
+HISTORY = {
+    "loss": [1.0, 0.5],
+    "accuracy": [0.6, 0.9],
+    "val_loss": [0.9, 0.6],
+    "val_accuracy": [0.7, 0.9],
+}
 
 
 def planted_trials(rng: np.random.Generator, repeats: int = 3) -> list[TrialRecord]:
@@ -31,17 +36,27 @@ def planted_trials(rng: np.random.Generator, repeats: int = 3) -> list[TrialReco
     }
     for level, values in levels.items():
         for seed, value in enumerate(values):
-            trials.append(TrialRecord(number, "COMPLETE", {"padding": level, "seed": seed},
-                                      float(value),
-                                      {"n_params": 1000, "macs": 5000, "history": HISTORY}))
+            trials.append(
+                TrialRecord(
+                    number,
+                    "COMPLETE",
+                    {"padding": level, "seed": seed},
+                    float(value),
+                    {"n_params": 1000, "macs": 5000, "history": HISTORY},
+                )
+            )
             number += 1
     return trials
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_a_harmful_level_is_a_real_effect_and_a_copy_of_the_base_is_noise(seed):
-    stats = {s.level: s for s in level_effects(planted_trials(np.random.default_rng(seed)),
-                                               "padding", "same", seed=seed)}
+    stats = {
+        s.level: s
+        for s in level_effects(
+            planted_trials(np.random.default_rng(seed)), "padding", "same", seed=seed
+        )
+    }
     assert stats["same"].effect is None  # the base level is the reference
     assert stats["blank"].real_effect is True
     assert stats["blank"].effect < -0.8
@@ -53,8 +68,10 @@ def test_a_harmful_level_is_a_real_effect_and_a_copy_of_the_base_is_noise(seed):
 def test_an_effect_inside_the_seed_noise_is_not_real():
     # every level from the same wide distribution: differences are noise
     rng = np.random.default_rng(1)
-    trials = [TrialRecord(i, "COMPLETE", {"pooling": level}, float(0.9 + rng.normal(0, 0.05)))
-              for i, level in enumerate(["max", "avg"] * 3)]
+    trials = [
+        TrialRecord(i, "COMPLETE", {"pooling": level}, float(0.9 + rng.normal(0, 0.05)))
+        for i, level in enumerate(["max", "avg"] * 3)
+    ]
     stats = {s.level: s for s in level_effects(trials, "pooling", "max")}
     assert stats["avg"].real_effect is False
 
@@ -79,10 +96,10 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_regularization_answer_says_when_both_together_is_worse():
     trials = []
-    for i, (level, mean) in enumerate([("none", 0.95), ("dropout", 0.96), ("batchnorm", 0.97),
-                                       ("both", 0.80)] * 3):
-        trials.append(TrialRecord(i, "COMPLETE", {"regularization": level},
-                                  mean + 0.001 * (i % 3)))
+    for i, (level, mean) in enumerate(
+        [("none", 0.95), ("dropout", 0.96), ("batchnorm", 0.97), ("both", 0.80)] * 3
+    ):
+        trials.append(TrialRecord(i, "COMPLETE", {"regularization": level}, mean + 0.001 * (i % 3)))
     answer = regularization_answer(level_effects(trials, "regularization", "none"))
     assert "worse than the better of the two alone (batchnorm" in answer
     assert "warning holds" in answer
@@ -92,25 +109,35 @@ def _stored_study(storage: str, name: str, trials: list[TrialRecord], factor: st
     study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
     levels = sorted({str(t.params[factor]) for t in trials})
     for t in trials:
-        distributions = {factor: optuna.distributions.CategoricalDistribution(levels),
-                         "seed": optuna.distributions.IntDistribution(0, 10)}
-        study.add_trial(optuna.trial.create_trial(
-            params={factor: str(t.params[factor]), "seed": t.params.get("seed", 0)},
-            distributions=distributions, value=t.value,
-            user_attrs={"n_params": t.n_params, "macs": t.macs, "history": t.history},
-        ))
+        distributions = {
+            factor: optuna.distributions.CategoricalDistribution(levels),
+            "seed": optuna.distributions.IntDistribution(0, 10),
+        }
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={factor: str(t.params[factor]), "seed": t.params.get("seed", 0)},
+                distributions=distributions,
+                value=t.value,
+                user_attrs={"n_params": t.n_params, "macs": t.macs, "history": t.history},
+            )
+        )
 
 
 def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     trials = planted_trials(np.random.default_rng(0))
     _stored_study(storage, "padding-abc", trials, "padding")
-    experiment = parse_experiment("padding", {"factors": {"padding": ["same", "valid"]},
-                                              "base_level": {"padding": "same"}}, "padding.yaml")
+    experiment = parse_experiment(
+        "padding",
+        {"factors": {"padding": ["same", "valid"]}, "base_level": {"padding": "same"}},
+        "padding.yaml",
+    )
     plots = tmp_path / "plots"
     markdown, results = build_report(
         {"padding": (experiment, {"study": "padding-abc", "best_value": 0.98})},
-        storage, plots, SETTINGS,
+        storage,
+        plots,
+        SETTINGS,
     )
     assert "| blank | 3 | 0 | 0 |" in markdown
     assert "**yes**" in markdown and "no, within noise" in markdown
@@ -126,27 +153,44 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
     # val_accuracy follows learning_rate and ignores padding; two trials were pruned
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="joint-abc", storage=storage, direction="maximize")
-    distributions = {"padding": optuna.distributions.CategoricalDistribution(["same", "valid"]),
-                     "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}
+    distributions = {
+        "padding": optuna.distributions.CategoricalDistribution(["same", "valid"]),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+    }
     rng = np.random.default_rng(0)
     for i in range(24):
         lr = float(10 ** rng.uniform(-4, -2))
         params = {"padding": ["same", "valid"][i % 2], "learning_rate": lr}
         pruned = i in (3, 7)
-        study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=distributions,
-            state=optuna.trial.TrialState.PRUNED if pruned else optuna.trial.TrialState.COMPLETE,
-            value=None if pruned else 0.5 + 10 * lr,
-            intermediate_values={0: 0.3} if pruned else None,
-            user_attrs={"n_params": 1000 * (i + 1), "history": HISTORY},
-        ))
-    experiment = parse_experiment("joint", {
-        "factors": {"padding": ["same", "valid"],
-                    "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}},
-        "sampler": {"name": "tpe"}, "n_trials": 24}, "joint.yaml")
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=distributions,
+                state=optuna.trial.TrialState.PRUNED
+                if pruned
+                else optuna.trial.TrialState.COMPLETE,
+                value=None if pruned else 0.5 + 10 * lr,
+                intermediate_values={0: 0.3} if pruned else None,
+                user_attrs={"n_params": 1000 * (i + 1), "history": HISTORY},
+            )
+        )
+    experiment = parse_experiment(
+        "joint",
+        {
+            "factors": {
+                "padding": ["same", "valid"],
+                "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+            },
+            "sampler": {"name": "tpe"},
+            "n_trials": 24,
+        },
+        "joint.yaml",
+    )
     markdown, results = build_report(
         {"joint": (experiment, {"study": "joint-abc", "best_value": 0.6})},
-        storage, tmp_path / "plots", SETTINGS,
+        storage,
+        tmp_path / "plots",
+        SETTINGS,
     )
     weights = results["joint"]["importances"]
     assert weights["learning_rate"] > 0.8 > weights["padding"]

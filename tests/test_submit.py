@@ -15,8 +15,8 @@ from fake_kaggle import TEST_KEY, FakeKaggle
 
 from pipeline import cli, fetch, prepare
 from pipeline.config import load_config
+from pipeline.dataset import Dataset, Meta, load_prepared
 from pipeline.errors import UserError
-from pipeline.prepare import Dataset, Meta
 from pipeline.submit import make_submission, validate
 
 
@@ -36,7 +36,8 @@ def project(tmp_path, monkeypatch, write_params):
     prepare.main(config)
     (tmp_path / "metrics" / "sweeps").mkdir(parents=True)
     (tmp_path / "metrics" / "sweeps" / "padding.json").write_text(
-        json.dumps({"best_value": 0.9, "study": "padding-x"}))
+        json.dumps({"best_value": 0.9, "study": "padding-x"})
+    )
     model_path = tmp_path / "models" / "sweeps" / "padding" / "best.keras"
     model_path.parent.mkdir(parents=True)
     _tiny_model((8, 8, 1), 10).save(model_path)
@@ -56,7 +57,7 @@ def test_submission_has_the_sample_layout_and_a_sidecar(project):
     assert written["Label"].between(0, 9).all()
     sidecar = json.loads((project / "submissions" / "submission.json").read_text())
     assert sidecar["experiment"] == "padding" and sidecar["study"] == "padding-x"
-    assert sidecar["data_hash"] == prepare.load_prepared("data/prepared").meta.data_hash
+    assert sidecar["data_hash"] == load_prepared("data/prepared").meta.data_hash
 
 
 def test_a_model_with_the_wrong_number_of_classes_is_refused(project, capsys):
@@ -85,12 +86,15 @@ def test_explicit_ids_follow_the_sample_order():
     assert submission.to_dict("list") == {"id": [12, 10, 11], "label": [2, 0, 1]}
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda s: s.iloc[:-1], "rows"),
-    (lambda s: s.assign(Label=[np.nan] + [0] * (len(s) - 1)), "missing values"),
-    (lambda s: s.assign(Label=10), "labels must be 0..9"),
-    (lambda s: s.rename(columns={"Label": "label"}), "columns"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.iloc[:-1], "rows"),
+        (lambda s: s.assign(Label=[np.nan] + [0] * (len(s) - 1)), "missing values"),
+        (lambda s: s.assign(Label=10), "labels must be 0..9"),
+        (lambda s: s.rename(columns={"Label": "label"}), "columns"),
+    ],
+)
 def test_validate_refuses_what_kaggle_would(change, message):
     sample = pd.DataFrame({"ImageId": [1, 2, 3], "Label": 0})
     with pytest.raises(UserError, match=message):
@@ -98,8 +102,14 @@ def test_validate_refuses_what_kaggle_would(change, message):
 
 
 def _submit(root: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", *args], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "submit", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_upload_sends_the_file_with_the_official_client(project):
@@ -113,10 +123,13 @@ def test_upload_sends_the_file_with_the_official_client(project):
     assert TEST_KEY not in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(("status", "expected"), [
-    (403, "accept the competition rules at https://www.kaggle.com/competitions/"),
-    (429, "daily submission limit"),
-])
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (403, "accept the competition rules at https://www.kaggle.com/competitions/"),
+        (429, "daily submission limit"),
+    ],
+)
 def test_upload_errors_are_actionable_and_keep_the_key_secret(project, status, expected):
     with FakeKaggle(status=status) as fake:
         result = _submit(project, fake.client_env(project / "home"), "--upload", "-m", "x")
@@ -128,8 +141,9 @@ def test_upload_errors_are_actionable_and_keep_the_key_secret(project, status, e
 
 def test_upload_without_credentials_says_where_they_go(project):
     with FakeKaggle() as fake:
-        result = _submit(project, fake.client_env(project / "home", credentials=None),
-                         "--upload", "-m", "x")
+        result = _submit(
+            project, fake.client_env(project / "home", credentials=None), "--upload", "-m", "x"
+        )
         assert fake.requests == []
     assert result.returncode == 2
     assert "kaggle.json" in result.stderr and "KAGGLE_USERNAME" in result.stderr

@@ -70,8 +70,10 @@ def _make_project(root: Path, prepared: Path, mlflow_db: Path) -> Project:
 
 
 def configure(project: Project, *, train: dict | None = None, sweep: dict | None = None):
-    project.configure(sweep={"n_trials": 2, "n_workers": 1, "isolate": False, **(sweep or {})},
-                      train={"epochs": 2, **(train or {})})
+    project.configure(
+        sweep={"n_trials": 2, "n_workers": 1, "isolate": False, **(sweep or {})},
+        train={"epochs": 2, **(train or {})},
+    )
 
 
 @pytest.fixture
@@ -139,15 +141,17 @@ def test_sweep_records_one_parent_run_and_one_child_run_per_trial(padding_sweep)
     children = work.children(study)
     trials = {t.number: t for t in study.get_trials()}
 
-    parents = [r for r in work.runs(f"tags.study = '{study.study_name}'")
-               if PARENT_TAG not in r.data.tags]
+    parents = [
+        r for r in work.runs(f"tags.study = '{study.study_name}'") if PARENT_TAG not in r.data.tags
+    ]
     assert [r.info.run_id for r in parents] == [parent.info.run_id]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["experiment"] == "padding"
     assert parent.data.params["n_trials"] == "2"
     assert parent.data.metrics["best_value"] == summary["best_value"]
-    assert parent.data.tags["best_run_id"] == trials[summary["best_trial"]].user_attrs[
-        "mlflow_run_id"]
+    assert (
+        parent.data.tags["best_run_id"] == trials[summary["best_trial"]].user_attrs["mlflow_run_id"]
+    )
 
     assert set(children) == set(trials)
     for number, run in children.items():
@@ -205,7 +209,8 @@ def test_rerun_continues_the_same_study_and_new_train_params_start_another(workd
     assert other["study"] != first["study"]
     assert len(workdir.study(other["study"]).get_trials()) == 1
     assert sorted(optuna.get_all_study_names(workdir.storage)) == sorted(
-        [first["study"], other["study"]])
+        [first["study"], other["study"]]
+    )
 
 
 # -- (c) the pruner, and designs that collapse, prune trials ---------------------------------
@@ -236,10 +241,17 @@ def test_collapsing_configs_are_pruned_without_training(workdir):
 
     assert (summary["n_complete"], summary["n_pruned"], summary["n_failed"]) == (1, 3, 0)
     assert summary["n_rejected"] == 3
-    assert summary["best_params"] == {"strides": 1, "dilation_rate": 1, "padding": "valid",
-                                      "seed": 0}
-    expected = {(2, 1): "blocks[1].pool", (1, 2): "blocks[1].conv",
-                (2, 2): "strides > 1 together with dilation_rate > 1"}
+    assert summary["best_params"] == {
+        "strides": 1,
+        "dilation_rate": 1,
+        "padding": "valid",
+        "seed": 0,
+    }
+    expected = {
+        (2, 1): "blocks[1].pool",
+        (1, 2): "blocks[1].conv",
+        (2, 2): "strides > 1 together with dilation_rate > 1",
+    }
     pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
     assert len(pruned) == 3
     for trial in pruned:
@@ -260,22 +272,30 @@ def test_collapsing_configs_are_pruned_without_training(workdir):
 # -- (d) resuming after the sweep process is killed --------------------------------------------
 
 
-def _wait_for_running_trial(work: Project, name: str, proc: subprocess.Popen, log: Path,
-                            timeout: float = 180.0) -> int:
+def _wait_for_running_trial(
+    work: Project, name: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0
+) -> int:
     """The number of a RUNNING trial that already has its MLflow run."""
     storage = make_storage(work.storage, 10)
 
     def running_trial() -> int | None:
         if proc.poll() is not None:
-            pytest.fail(f"the sweep ended (exit {proc.returncode}) before it could be "
-                        f"killed:\n{log.read_text()}")
+            pytest.fail(
+                f"the sweep ended (exit {proc.returncode}) before it could be "
+                f"killed:\n{log.read_text()}"
+            )
         try:
             study = optuna.load_study(study_name=name, storage=storage)
         except KeyError:  # the study is not created yet
             return None
-        return next((t.number + 1 for t in study.get_trials(deepcopy=False,
-                                                            states=(TrialState.RUNNING,))
-                     if "mlflow_run_id" in t.user_attrs), None)
+        return next(
+            (
+                t.number + 1
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if "mlflow_run_id" in t.user_attrs
+            ),
+            None,
+        )
 
     return wait_for(running_trial, timeout, "no trial started", log.read_text) - 1
 
@@ -290,7 +310,11 @@ def test_sweep_resumes_after_sigkill(workdir):
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(ablate), "sweep", "--experiment", "padding", "--params", str(workdir.params)],
-            cwd=workdir.root, env=env, stdout=out, stderr=subprocess.STDOUT)
+            cwd=workdir.root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             victim = _wait_for_running_trial(workdir, name, proc, log)
         finally:
@@ -404,9 +428,11 @@ def test_study_where_every_trial_fails_ends_with_an_error(workdir, monkeypatch, 
 # -- (f) other ways of running the workers -----------------------------------------------------
 
 
-@pytest.mark.parametrize("option", [{"isolate": True}, {"trials_per_process": 1},
-                                    {"n_workers": 2}],
-                         ids=["isolate", "one-trial-per-process", "two-workers"])
+@pytest.mark.parametrize(
+    "option",
+    [{"isolate": True}, {"trials_per_process": 1}, {"n_workers": 2}],
+    ids=["isolate", "one-trial-per-process", "two-workers"],
+)
 def test_sweep_with_worker_processes(workdir, option):
     configure(workdir, sweep=option)
 

@@ -18,21 +18,31 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from pipeline.dataset import save_prepared
 from pipeline.errors import UserError
 from pipeline.model import ConvBlock, ModelConfig, flatten_config
 from pipeline.params import TrainParams
-from pipeline.prepare import save_prepared
 from pipeline.tracking import Tracker
 from pipeline.train import train_tracked
 
 CONFIG = ModelConfig(
-    blocks=(ConvBlock(filters=4, padding="same", pooling="none", regularization="batchnorm"),
-            ConvBlock(filters=6, padding="valid", pooling="max", regularization="dropout")),
-    dense_units=(16,), dense_dropout=0.1, learning_rate=3e-3,
+    blocks=(
+        ConvBlock(filters=4, padding="same", pooling="none", regularization="batchnorm"),
+        ConvBlock(filters=6, padding="valid", pooling="max", regularization="dropout"),
+    ),
+    dense_units=(16,),
+    dense_dropout=0.1,
+    learning_rate=3e-3,
 )
 TWO_EPOCHS = TrainParams(epochs=2, batch_size=128, patience=5, seed=0)
-ARTIFACTS = {"model_summary.txt", "learning_curves.png", "confusion_matrix.png",
-             "conv0_kernels.png", "conv0_feature_maps.png", "best.keras"}
+ARTIFACTS = {
+    "model_summary.txt",
+    "learning_curves.png",
+    "confusion_matrix.png",
+    "conv0_kernels.png",
+    "conv0_feature_maps.png",
+    "best.keras",
+}
 EPOCH_METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -58,10 +68,24 @@ def _closed_port() -> int:
 
 def _git_repo(folder: Path) -> str:
     """Make `folder` a git repository with one commit; returns the commit hash."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t",
-                               "-c", "commit.gpgsign=false", *args],
-                              cwd=folder, check=True, capture_output=True, text=True).stdout
+        return subprocess.run(
+            [
+                "git",
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "commit.gpgsign=false",
+                *args,
+            ],
+            cwd=folder,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
 
     git("init", "-q")
     git("commit", "-q", "--allow-empty", "-m", "test")
@@ -93,17 +117,25 @@ def sqlite_run(tmp_path_factory, digits):
     shm = _other_filesystem(root)
     with pytest.MonkeyPatch.context() as mp, contextlib.ExitStack() as stack:
         if shm is not None:
-            mp.setattr(tempfile, "tempdir",
-                       stack.enter_context(tempfile.TemporaryDirectory(dir=shm)))
+            mp.setattr(
+                tempfile, "tempdir", stack.enter_context(tempfile.TemporaryDirectory(dir=shm))
+            )
         mp.chdir(root)
         _reset_tracking_uri(mp)
         tracker = Tracker.connect(uri, "test-tracking")
         checkpoint = root / "models" / "train" / "best.keras"
         result = train_tracked(tracker, CONFIG, TWO_EPOCHS, digits, checkpoint)
         run = MlflowClient(uri).search_runs([tracker.experiment_id])[0]
-    return {"uri": uri, "root": root, "commit": commit, "tracker": tracker,
-            "checkpoint": checkpoint, "result": result, "run": run,
-            "cross_device": shm is not None}
+    return {
+        "uri": uri,
+        "root": root,
+        "commit": commit,
+        "tracker": tracker,
+        "checkpoint": checkpoint,
+        "result": result,
+        "run": run,
+        "cross_device": shm is not None,
+    }
 
 
 def test_run_records_every_config_field(sqlite_run):
@@ -147,7 +179,8 @@ def test_run_artifacts(sqlite_run, tmp_path):
     assert {a.path for a in client.list_artifacts(run_id)} >= ARTIFACTS
     # Artifacts live under the run's own artifact root, not in the working directory.
     assert sqlite_run["run"].info.artifact_uri.startswith(
-        (str(sqlite_run["root"]), f"file://{sqlite_run['root']}"))
+        (str(sqlite_run["root"]), f"file://{sqlite_run['root']}")
+    )
     folder = Path(client.download_artifacts(run_id, "", str(tmp_path)))
     for name in ARTIFACTS - {"best.keras", "model_summary.txt"}:
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -161,8 +194,9 @@ def test_checkpoint_holds_the_best_model(sqlite_run, digits):
     checkpoint = sqlite_run["checkpoint"]
     assert checkpoint.is_file()
     model = keras.models.load_model(checkpoint)
-    assert _val_loss(model, digits) == pytest.approx(sqlite_run["result"].metrics["val_loss"],
-                                                     rel=1e-4)
+    assert _val_loss(model, digits) == pytest.approx(
+        sqlite_run["result"].metrics["val_loss"], rel=1e-4
+    )
 
 
 def test_checkpoint_is_written_across_filesystems(sqlite_run):
@@ -181,7 +215,8 @@ def test_failed_training_marks_the_run_failed(sqlite_run, digits):
     with pytest.raises(UserError, match=r"blocks\[0\]\.conv"):
         train_tracked(tracker, collapsing, TWO_EPOCHS, digits, sqlite_run["root"] / "x.keras")
     runs = MlflowClient(sqlite_run["uri"]).search_runs(
-        [tracker.experiment_id], "attributes.status = 'FAILED'")
+        [tracker.experiment_id], "attributes.status = 'FAILED'"
+    )
     assert len(runs) == 1
     assert runs[0].data.params["blocks.0.kernel_size"] == "9"
 
@@ -201,7 +236,8 @@ def test_sqlite_in_a_missing_folder_fails_fast(tmp_path):
 
 
 def test_cli_train_with_unreachable_server_exits_before_training(
-        tmp_path, digits, write_params, run_cmd):
+    tmp_path, digits, write_params, run_cmd
+):
     uri = f"http://127.0.0.1:{_closed_port()}"
     write_params(tmp_path / "params.yaml", tracking={"uri": uri}, train={"epochs": 1})
     save_prepared(digits, tmp_path / "data" / "prepared")
@@ -231,8 +267,13 @@ def server_run(mlflow_server, tmp_path_factory, digits):
         checkpoint = root / "best.keras"
         result = train_tracked(tracker, CONFIG, TWO_EPOCHS, digits, checkpoint)
         run_id = tracker.client.search_runs([tracker.experiment_id])[0].info.run_id
-    return {"url": mlflow_server, "run_id": run_id, "result": result, "root": root,
-            "checkpoint": checkpoint}
+    return {
+        "url": mlflow_server,
+        "run_id": run_id,
+        "result": result,
+        "root": root,
+        "checkpoint": checkpoint,
+    }
 
 
 def _rest(url: str, endpoint: str, **query) -> dict:
@@ -256,18 +297,19 @@ def test_server_run_through_the_rest_api(server_run, digits):
     points = sorted(history["metrics"], key=lambda m: m["step"])
     assert [m["step"] for m in points] == [0, 1]
     assert [m["value"] for m in points] == pytest.approx(
-        server_run["result"].history["val_loss"], rel=1e-6)
+        server_run["result"].history["val_loss"], rel=1e-6
+    )
 
 
 def test_server_stores_artifacts(server_run):
     url, run_id = server_run["url"], server_run["run_id"]
     listed = _rest(url, "artifacts/list", run_id=run_id)
     assert {f["path"] for f in listed["files"]} >= ARTIFACTS
-    summary = requests.get(f"{url}/get-artifact", timeout=10,
-                           params={"path": "model_summary.txt", "run_uuid": run_id})
+    summary = requests.get(
+        f"{url}/get-artifact", timeout=10, params={"path": "model_summary.txt", "run_uuid": run_id}
+    )
     summary.raise_for_status()
     assert "conv0" in summary.text
     assert server_run["checkpoint"].is_file()
     # Nothing was written next to the client: the server proxied every artifact.
     assert sorted(p.name for p in server_run["root"].iterdir()) == ["best.keras"]
-

@@ -11,18 +11,30 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.model import ConvBlock, ModelConfig, check_shapes, count_macs
+from pipeline.model import ConvBlock, ModelConfig, check_shapes, count_macs, predict_labels
 from pipeline.params import TrainParams
-from pipeline.model import predict_labels
 from pipeline.train import HISTORY_KEYS, train
 
-METRIC_KEYS = {"val_accuracy", "val_loss", "best_epoch", "epochs_run", "n_params", "macs",
-               "train_seconds"}
+METRIC_KEYS = {
+    "val_accuracy",
+    "val_loss",
+    "best_epoch",
+    "epochs_run",
+    "n_params",
+    "macs",
+    "train_seconds",
+}
 ONE_EPOCH = TrainParams(epochs=1, batch_size=128, patience=3, seed=0)
 
 # Small enough to train in well under a second on 8x8 digits.
-BASE = ConvBlock(filters=4, kernel_size=3, padding="same", pooling="none",
-                 regularization="none", dropout_rate=0.25)
+BASE = ConvBlock(
+    filters=4,
+    kernel_size=3,
+    padding="same",
+    pooling="none",
+    regularization="none",
+    dropout_rate=0.25,
+)
 
 
 def _config(*blocks: ConvBlock, **changes) -> ModelConfig:
@@ -38,10 +50,10 @@ OPTIONS = {
     "pooling-avg": _config(dataclasses.replace(BASE, pooling="avg")),
     "regularization-dropout": _config(dataclasses.replace(BASE, regularization="dropout")),
     "regularization-batchnorm": _config(dataclasses.replace(BASE, regularization="batchnorm")),
-    "regularization-both": _config(dataclasses.replace(BASE, regularization="both",
-                                                       pooling="max")),
-    "two-blocks": _config(BASE, dataclasses.replace(BASE, filters=8, pooling="max"),
-                          dense_dropout=0.3),
+    "regularization-both": _config(dataclasses.replace(BASE, regularization="both", pooling="max")),
+    "two-blocks": _config(
+        BASE, dataclasses.replace(BASE, filters=8, pooling="max"), dense_dropout=0.3
+    ),
     "dense-only": _config(),
 }
 
@@ -51,8 +63,9 @@ def _one_hot(data) -> np.ndarray:
 
 
 def _val_loss(model, data) -> float:
-    return model.evaluate(data.x_val, _one_hot(data), batch_size=256, verbose=0,
-                          return_dict=True)["loss"]
+    return model.evaluate(data.x_val, _one_hot(data), batch_size=256, verbose=0, return_dict=True)[
+        "loss"
+    ]
 
 
 def _layer_classes(model) -> dict[str, str]:
@@ -95,7 +108,8 @@ def test_each_option_trains_one_epoch(option, digits):
     predicted = predict_labels(result.model, digits.x_val)
     assert predicted.shape == digits.y_val.shape
     assert np.mean(predicted == digits.y_val) == pytest.approx(
-        result.metrics["val_accuracy"], abs=1e-6)
+        result.metrics["val_accuracy"], abs=1e-6
+    )
 
 
 @pytest.fixture
@@ -113,8 +127,9 @@ def _undo_op_determinism():
 
 @pytest.mark.usefixtures("_undo_op_determinism")
 def test_seeded_runs_repeat(digits):
-    config = _config(dataclasses.replace(BASE, regularization="both", pooling="max"),
-                     dense_dropout=0.3)
+    config = _config(
+        dataclasses.replace(BASE, regularization="both", pooling="max"), dense_dropout=0.3
+    )
     params = TrainParams(epochs=2, batch_size=128, patience=3, seed=7, deterministic=True)
     first = train(config, params, digits)
     again = train(config, params, digits)
@@ -138,11 +153,14 @@ class _Sabotage(keras.callbacks.Callback):
         if epoch != self.at:
             return
         rng = np.random.default_rng(0)
-        self.model.set_weights([
-            np.full(w.shape, self.value, w.dtype) if self.value is not None
-            else (rng.normal(0, 3, w.shape)).astype(w.dtype)
-            for w in self.model.get_weights()
-        ])
+        self.model.set_weights(
+            [
+                np.full(w.shape, self.value, w.dtype)
+                if self.value is not None
+                else (rng.normal(0, 3, w.shape)).astype(w.dtype)
+                for w in self.model.get_weights()
+            ]
+        )
 
 
 def test_best_epoch_is_kept(digits):
@@ -156,11 +174,12 @@ def test_best_epoch_is_kept(digits):
     assert result.metrics["val_loss"] == min(val_loss)
     assert result.metrics["val_loss"] < val_loss[-1]  # the last epoch is not the best
     assert result.metrics["best_epoch"] == val_loss.index(min(val_loss)) + 1
-    assert result.metrics["val_accuracy"] == \
-        result.history["val_accuracy"][result.metrics["best_epoch"] - 1]
+    assert (
+        result.metrics["val_accuracy"]
+        == result.history["val_accuracy"][result.metrics["best_epoch"] - 1]
+    )
     # The returned model holds the best epoch's weights, not the last epoch's.
-    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"],
-                                                             rel=1e-4)
+    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"], rel=1e-4)
 
 
 def test_early_stopping_stops_after_patience(digits):
@@ -171,8 +190,7 @@ def test_early_stopping_stops_after_patience(digits):
     assert result.metrics["epochs_run"] <= 3 < params.epochs
     assert all(len(v) == result.metrics["epochs_run"] for v in result.history.values())
     assert result.metrics["val_loss"] == min(result.history["val_loss"])
-    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"],
-                                                             rel=1e-4)
+    assert _val_loss(result.model, digits) == pytest.approx(result.metrics["val_loss"], rel=1e-4)
 
 
 def test_diverged_epochs_are_never_the_best(digits):
@@ -191,14 +209,16 @@ def test_diverged_epochs_are_never_the_best(digits):
 
 
 def test_a_few_epochs_learn_the_digits(digits):
-    result = train(OPTIONS["pooling-max"], TrainParams(epochs=3, batch_size=32, seed=0),
-                   digits)
+    result = train(OPTIONS["pooling-max"], TrainParams(epochs=3, batch_size=32, seed=0), digits)
     assert result.metrics["val_accuracy"] > 0.5  # ten classes: chance is 0.1
 
 
 def _live_train_steps() -> int:
-    return sum(1 for o in gc.get_objects()
-               if type(o).__name__ == "FuncGraph" and o.name == "one_step_on_data")
+    return sum(
+        1
+        for o in gc.get_objects()
+        if type(o).__name__ == "FuncGraph" and o.name == "one_step_on_data"
+    )
 
 
 def test_trained_models_are_freed_once_dropped(digits):
@@ -207,8 +227,9 @@ def test_trained_models_are_freed_once_dropped(digits):
     gc.collect()
     before = _live_train_steps()
     for seed in range(2):
-        result = train(OPTIONS["regularization-batchnorm"], dataclasses.replace(ONE_EPOCH,
-                       seed=seed), digits)
+        result = train(
+            OPTIONS["regularization-batchnorm"], dataclasses.replace(ONE_EPOCH, seed=seed), digits
+        )
         del result
     gc.collect()
     assert _live_train_steps() == before
@@ -217,6 +238,11 @@ def test_trained_models_are_freed_once_dropped(digits):
 def test_a_model_trains_again_after_train_returns(digits):
     result = train(OPTIONS["padding-same"], ONE_EPOCH, digits)
     before = _val_loss(result.model, digits)
-    result.model.fit(digits.x_train, np.eye(10, dtype=np.float32)[digits.y_train],
-                     epochs=3, batch_size=64, verbose=0)
+    result.model.fit(
+        digits.x_train,
+        np.eye(10, dtype=np.float32)[digits.y_train],
+        epochs=3,
+        batch_size=64,
+        verbose=0,
+    )
     assert _val_loss(result.model, digits) < before
