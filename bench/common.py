@@ -103,22 +103,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def setup_logging(verbose: bool) -> None:
-    """Progress on stderr; the noisy libraries quiet."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr
-    )
-    for noisy in (
-        "tensorflow",
-        "absl",
-        "alembic",
-        "mlflow",
-        "urllib3",
-        "optuna",
-        "h5py",
-        "matplotlib",
-        "git",
-        "filelock",
-    ):
+    """Progress on stderr; the noisy libraries quiet, as the `ablate` command has them."""
+    from pipeline.cli import configure_logging
+
+    configure_logging(verbose)
+    for noisy in ("git", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

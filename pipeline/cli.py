@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> None:
     """The project's own lines at INFO; the libraries' only when something is wrong."""
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -202,7 +202,7 @@ def load(args: argparse.Namespace) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
         COMMANDS[args.command](load(args), args)
     except UserError as exc:

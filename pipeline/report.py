@@ -24,6 +24,7 @@ from pipeline import plots
 from pipeline.errors import UserError
 from pipeline.experiments import Experiment, load_experiment
 from pipeline.fsutil import atomic_path, write_json
+from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.stats import LevelStats, level_effects, pareto_front
 from pipeline.studies import Study
@@ -92,9 +93,9 @@ def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) ->
 
 
 def report_factor(
-    name: str, factor: str, base_level: Any, records: list[TrialRecord], out: Path, settings
+    name: str, factor: str, base_level: Any, records: list[TrialRecord], paths: Paths, settings
 ) -> tuple[list[str], dict[str, Any]]:
-    """One single-factor study's section; its plots go into the folder `out`."""
+    """One single-factor study's section, and its plots."""
     stats = level_effects(
         records, factor, base_level, settings.bootstrap, settings.confidence, settings.seed
     )
@@ -116,10 +117,10 @@ def report_factor(
     if any(groups.values()):
         plots.strip_plot(
             {k: v for k, v in groups.items() if v},
-            out / f"{name}_levels.png",
+            paths.report_plot(name, "levels"),
             f"{name}: val_accuracy per level",
         )
-        lines.append(f"![{name} levels]({out.name}/{name}_levels.png)")
+        lines.append(f"![{name} levels]({_link(paths, paths.report_plot(name, 'levels'))})")
     best_histories = {}
     for s in stats:
         done = [
@@ -132,10 +133,11 @@ def report_factor(
     if best_histories:
         plots.curves_by_level(
             best_histories,
-            out / f"{name}_curves.png",
+            paths.report_plot(name, "curves"),
             f"{name}: learning curves of each level's best trial",
         )
-        lines.append(f"![{name} learning curves]({out.name}/{name}_curves.png)")
+        curves = _link(paths, paths.report_plot(name, "curves"))
+        lines.append(f"![{name} learning curves]({curves})")
     lines.append("")
     summary = {
         "factor": factor,
@@ -150,9 +152,9 @@ def report_factor(
 
 
 def report_joint(
-    name: str, records: list[TrialRecord], study: Study, out: Path
+    name: str, records: list[TrialRecord], study: Study, paths: Paths
 ) -> tuple[list[str], dict[str, Any]]:
-    """The joint study's section: best trial, importances, Pareto front (plot into `out`)."""
+    """The joint study's section: best trial, importances, Pareto front and its plot."""
     done = [t for t in records if t.state == "COMPLETE"]
     weights = study.importances() if len(done) > 1 else {}
     points = [(float(t.n_params), float(t.value)) for t in done if t.n_params]
@@ -179,7 +181,7 @@ def report_joint(
         lines += [f"| {k} | {v:.3f} |" for k, v in weights.items()]
         lines.append("")
     if points:
-        plots.pareto(points, front, out / f"{name}_pareto.png")
+        plots.pareto(points, front, paths.report_plot(name, "pareto"))
         lines += [
             "Pareto front (fewest parameters for the accuracy):",
             "",
@@ -187,7 +189,11 @@ def report_joint(
             "|---|---|",
         ]
         lines += [f"| {int(p):,} | {a:.4f} |" for p, a in front]
-        lines += ["", f"![{name} Pareto front]({out.name}/{name}_pareto.png)", ""]
+        lines += [
+            "",
+            f"![{name} Pareto front]({_link(paths, paths.report_plot(name, 'pareto'))})",
+            "",
+        ]
     summary = {
         "importances": weights,
         "pareto": [{"n_params": int(p), "val_accuracy": a} for p, a in front],
@@ -195,16 +201,21 @@ def report_joint(
     return lines, summary
 
 
+def _link(paths: Paths, plot: Path) -> str:
+    """`plot` relative to the report's Markdown file, as an image link needs it."""
+    return plot.relative_to(paths.report_markdown.parent).as_posix()
+
+
 def build_report(
     studies: dict[str, tuple[Experiment, dict[str, Any]]],
     storage_url: str,
-    out: Path,
+    paths: Paths,
     settings,
     heartbeat_seconds: int = 10,
 ) -> tuple[str, dict[str, Any]]:
     """Markdown and JSON for every study in `studies` (name -> (experiment, sweep
-    metrics)); the plots go into the folder `out`, linked relative to its parent."""
-    out.mkdir(parents=True, exist_ok=True)
+    metrics)); the plots go where `paths` says, linked relative to the Markdown file."""
+    paths.report_plots.mkdir(parents=True, exist_ok=True)
     lines = ["# Which Conv2D design choices matter", ""]
     results: dict[str, Any] = {}
     for name, (experiment, metrics) in studies.items():
@@ -219,9 +230,9 @@ def build_report(
         if experiment.is_grid and len(experiment.factors) == 1:
             factor = next(iter(experiment.factors))
             base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
-            section, summary = report_factor(name, factor, base_level, records, out, settings)
+            section, summary = report_factor(name, factor, base_level, records, paths, settings)
         else:
-            section, summary = report_joint(name, records, study, out)
+            section, summary = report_joint(name, records, study, paths)
         summary["best_value"] = metrics.get("best_value")
         lines += section
         results[name] = summary
@@ -245,7 +256,7 @@ def main(config: Config) -> None:
     markdown, results = build_report(
         studies,
         config.sweep.storage,
-        paths.report_plots,
+        paths,
         config.report,
         config.sweep.heartbeat_seconds,
     )

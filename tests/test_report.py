@@ -11,6 +11,7 @@ import optuna
 import pytest
 
 from pipeline.experiments import parse_experiment
+from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.report import build_report, regularization_answer
 from pipeline.stats import level_effects, pareto_front
@@ -136,7 +137,7 @@ def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path
     markdown, results = build_report(
         {"padding": (experiment, {"study": "padding-abc", "best_value": 0.98})},
         storage,
-        plots,
+        Paths(reports=str(tmp_path)),
         SETTINGS,
     )
     assert "| blank | 3 | 0 | 0 |" in markdown
@@ -189,7 +190,7 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
     markdown, results = build_report(
         {"joint": (experiment, {"study": "joint-abc", "best_value": 0.6})},
         storage,
-        tmp_path / "plots",
+        Paths(reports=str(tmp_path)),
         SETTINGS,
     )
     weights = results["joint"]["importances"]
