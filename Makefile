@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/ablate: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	PYTHONWARNINGS=ignore $(BIN)/pip install --quiet -e '.[dev]'  # no build-backend notes
 	touch $@
 
 run: $(BIN)/ablate

@@ -168,6 +168,7 @@ def _worker(config: Config, args: argparse.Namespace) -> None:
 
 
 def _report(config: Config, args: argparse.Namespace) -> None:
+    _load_tensorflow_quietly()
     from pipeline import report
 
     report.main(config)

@@ -35,6 +35,14 @@ class Dataset:
     x_test: np.ndarray
     test_ids: np.ndarray
     meta: Meta
+    # labelled images kept from every selection, for one final estimate (may be empty)
+    x_holdout: np.ndarray | None = None
+    y_holdout: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.x_holdout is None:
+            self.x_holdout = self.x_train[:0]
+            self.y_holdout = self.y_train[:0]
 
 
 def save_prepared(dataset: Dataset, dest: Path) -> None:
@@ -43,6 +51,7 @@ def save_prepared(dataset: Dataset, dest: Path) -> None:
         np.savez(tmp / "train.npz", x=dataset.x_train, y=dataset.y_train)
         np.savez(tmp / "val.npz", x=dataset.x_val, y=dataset.y_val)
         np.savez(tmp / "test.npz", x=dataset.x_test, ids=dataset.test_ids)
+        np.savez(tmp / "holdout.npz", x=dataset.x_holdout, y=dataset.y_holdout)
         (tmp / "meta.json").write_text(json.dumps(asdict(dataset.meta), indent=2) + "\n")
 
 
@@ -59,4 +68,25 @@ def load_prepared(folder: str | Path) -> Dataset:
         np.load(folder / "val.npz") as va,
         np.load(folder / "test.npz", allow_pickle=True) as te,
     ):
-        return Dataset(tr["x"], tr["y"], va["x"], va["y"], te["x"], te["ids"], meta)
+        data = Dataset(tr["x"], tr["y"], va["x"], va["y"], te["x"], te["ids"], meta)
+    if (folder / "holdout.npz").is_file():
+        with np.load(folder / "holdout.npz") as ho:
+            data.x_holdout, data.y_holdout = ho["x"], ho["y"]
+    return data
+
+
+def labelled_for_refit(data: Dataset) -> Dataset:
+    """Every labelled image but the held-out ones as training data, with no validation
+    images: what a final model is refit on."""
+    empty_x, empty_y = data.x_val[:0], data.y_val[:0]
+    return Dataset(
+        np.concatenate([data.x_train, data.x_val]),
+        np.concatenate([data.y_train, data.y_val]),
+        empty_x,
+        empty_y,
+        data.x_test,
+        data.test_ids,
+        data.meta,
+        data.x_holdout,
+        data.y_holdout,
+    )

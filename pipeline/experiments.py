@@ -23,6 +23,8 @@ from pipeline.errors import UserError
 from pipeline.model import ConvBlock, ModelConfig
 from pipeline.params import TrainParams
 
+# The training settings of the first release, hashed into every study name.
+FIRST_TRAIN_FIELDS = ("epochs", "batch_size", "patience", "seed", "deterministic")
 # The metrics `train()` returns that a study may optimise.
 OBJECTIVES = ("val_accuracy", "val_loss")
 
@@ -39,13 +41,16 @@ class Factor:
 def _factor(target: str, hint: Any) -> Factor:
     if typing.get_origin(hint) is Literal:
         return Factor(target, str, typing.get_args(hint))
+    if hint is bool:
+        return Factor(target, bool, (False, True))
     return Factor(target, hint)
 
 
 def _factors() -> dict[str, Factor]:
     """One factor per config field that a study may vary, typed by the field itself: every
     conv block field but `filters`, the model's scalar fields, `width` (multiplies every
-    block's filters) and the training `seed`."""
+    block's filters), the training `seed` (an offset) and the recipe's `schedule` and
+    `augment`."""
     block = typing.get_type_hints(ConvBlock)
     model = typing.get_type_hints(ModelConfig)
     factors = {name: _factor("block", hint) for name, hint in block.items() if name != "filters"}
@@ -55,7 +60,8 @@ def _factors() -> dict[str, Factor]:
         for name, hint in model.items()
         if name not in ("blocks", "dense_units")
     }
-    factors["seed"] = Factor("train", int)
+    train = typing.get_type_hints(TrainParams)
+    factors |= {name: _factor("train", train[name]) for name in ("seed", "schedule", "augment")}
     return factors
 
 
@@ -158,7 +164,9 @@ def _levels(name: str, raw: Any, where: str) -> tuple | Range:
                 f"{where}: level {level!r} is not allowed; use one of "
                 f"{', '.join(map(str, factor.allowed))}"
             )
-        if factor.kind is not str and (
+        if factor.kind is bool and not isinstance(level, bool):
+            raise UserError(f"{where}: level {level!r} must be true or false")
+        if factor.kind in (int, float) and (
             isinstance(level, bool | str) or not isinstance(level, int | float)
         ):
             raise UserError(f"{where}: level {level!r} must be a number")
@@ -176,6 +184,7 @@ def parse_experiment(
     where: str,
     n_trials_override: int | None = None,
     base: ModelConfig | None = None,
+    train: TrainParams | None = None,
 ) -> Experiment:
     """Validate one experiment mapping; errors name `where` (the file) and the key."""
     if not isinstance(data, dict):
@@ -233,7 +242,7 @@ def parse_experiment(
                 f"levels of factors.{factor}"
             )
     if base is not None and not base_level:
-        base_level = base_levels(base, factors)
+        base_level = base_levels(base, factors, train)
     return Experiment(
         name,
         factors,
@@ -248,9 +257,12 @@ def parse_experiment(
     )
 
 
-def base_levels(base: ModelConfig, factors: dict) -> dict[str, Any]:
-    """The level of each factor that the base model already uses (its last conv block's
-    value for block factors); an experiment file can name another with `base_level`."""
+def base_levels(
+    base: ModelConfig, factors: dict, train: TrainParams | None = None
+) -> dict[str, Any]:
+    """The level of each factor that the base model and recipe already use (the last conv
+    block's value for block factors); an experiment file can name another with
+    `base_level`."""
     levels = {}
     for name in factors:
         factor = FACTORS[name]
@@ -260,6 +272,8 @@ def base_levels(base: ModelConfig, factors: dict) -> dict[str, Any]:
             levels[name] = 1.0
         elif factor.target == "model":
             levels[name] = getattr(base, name)
+        elif train is not None and name != "seed":
+            levels[name] = getattr(train, name)
     return levels
 
 
@@ -268,6 +282,7 @@ def load_experiment(
     name: str,
     n_trials_override: int | None = None,
     base: ModelConfig | None = None,
+    train: TrainParams | None = None,
 ) -> Experiment:
     path = Path(folder) / f"{name}.yaml"
     if not path.is_file():
@@ -277,7 +292,7 @@ def load_experiment(
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
-    return parse_experiment(name, data, str(path), n_trials_override, base)
+    return parse_experiment(name, data, str(path), n_trials_override, base, train)
 
 
 def suggest(trial, experiment: Experiment) -> dict[str, Any]:
@@ -313,9 +328,12 @@ def apply_factors(
         k: v for k, v in values.items() if FACTORS[k].target == "model" and k != "width"
     }
     config = dataclasses.replace(base, blocks=blocks, **model_changes)
+    train_changes = {
+        k: v for k, v in values.items() if FACTORS[k].target == "train" and k != "seed"
+    }
     if "seed" in values:
-        train = dataclasses.replace(train, seed=train.seed + int(values["seed"]))
-    return config, train
+        train_changes["seed"] = train.seed + int(values["seed"])
+    return config, dataclasses.replace(train, **train_changes)
 
 
 def study_name(
@@ -324,12 +342,17 @@ def study_name(
     """Stable across machines and runs; changes when anything that defines the study does.
 
     The budget (`n_trials`) is left out on purpose: raising it continues the same study.
+    Training settings added after the first release count only when they differ from
+    their defaults, so that adding a setting never restarts anyone's studies.
     """
+    settings = dataclasses.asdict(train)
+    defaults = dataclasses.asdict(TrainParams())
+    hashed = {k: v for k, v in settings.items() if k in FIRST_TRAIN_FIELDS or v != defaults[k]}
     payload = json.dumps(
         {
             "experiment": experiment.to_dict(),
             "model": base.to_dict(),
-            "train": dataclasses.asdict(train),
+            "train": hashed,
             "data": data_hash,
         },
         sort_keys=True,

@@ -207,9 +207,11 @@ def build_model(
     input_shape: tuple[int, int, int],
     n_classes: int,
     checked: list[LayerShape] | None = None,
+    learning_rate: Any = None,
 ):
     """The compiled Keras model for `config`; shapes are checked first unless the caller
-    passes what `check_shapes` already returned as `checked`."""
+    passes what `check_shapes` already returned as `checked`. Adam runs at
+    `config.learning_rate`, or at `learning_rate` (a rate or a schedule) when given."""
     import keras
     from keras import layers
 
@@ -244,7 +246,7 @@ def build_model(
     outputs = layers.Dense(n_classes, activation="softmax", dtype="float32", name="output")(x)
     model = keras.Model(inputs, outputs, name="ablation_cnn")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate or config.learning_rate),
         loss="categorical_crossentropy",
         metrics=["accuracy"],
     )

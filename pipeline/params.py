@@ -107,28 +107,49 @@ class PrepareParams:
     val_fraction: float = 0.2
     seed: int = 42
     image_size: int | None = None
+    # labelled rows no selection ever sees: the final model's expected score (0: none)
+    holdout_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError("must be between 0 and 1 (exclusive), e.g. 0.2")
+        if not 0.0 <= self.holdout_fraction < 1.0 - self.val_fraction:
+            raise ValueError("holdout_fraction must be >= 0 and leave rows for training")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError("must be a positive integer or null (infer from pixel count)")
 
 
+Schedule = Literal["constant", "cosine", "plateau"]
+
+
 @dataclass(frozen=True)
 class TrainParams:
+    """The training recipe. The defaults are the first recipe (constant rate, early
+    stopping after 3 epochs without progress, no augmentation); `params.yaml` sets the
+    one in use."""
+
     epochs: int = 15
     batch_size: int = 64
-    patience: int = 3
+    patience: int | None = 3  # epochs without a better val_loss before stopping; null: never
     seed: int = 0
     deterministic: bool = False
+    schedule: Schedule = "constant"  # the learning rate over the epochs
+    min_epochs: int = 0  # early stopping never stops before this many epochs
+    augment: bool = False  # random rotation, shift and zoom of training images
+    rotation: float = 10.0  # degrees, either way
+    shift: float = 0.1  # fraction of the image side, either way
+    zoom: float = 0.1  # fraction, in or out
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        if self.patience < 0:
-            raise ValueError("patience must be >= 0")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError("patience must be >= 0, or null for no early stopping")
+        if not 0 <= self.min_epochs <= self.epochs:
+            raise ValueError("min_epochs must be between 0 and epochs")
+        if not (0 <= self.rotation <= 180 and 0 <= self.shift < 1 and 0 <= self.zoom < 1):
+            raise ValueError("rotation must be 0..180 degrees, shift and zoom fractions 0..1")
 
 
 @dataclass(frozen=True)
@@ -177,8 +198,16 @@ class ReportParams:
 
 @dataclass(frozen=True)
 class SubmitParams:
-    experiment: str | None = None
+    # best: one checkpoint; refit: the best config again on all labelled data; ensemble:
+    # the top `members` configs refit so, averaged (see pipeline/ensemble.py)
+    strategy: Literal["best", "refit", "ensemble"] = "best"
+    members: int = 3
+    experiment: str | None = None  # `best` only: this study's model instead of the best
     batch_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError("members must be >= 1")
 
 
 def from_dict(cls: type, data: Any, where: str):

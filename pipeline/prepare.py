@@ -216,9 +216,8 @@ def to_images(values: np.ndarray, side: int) -> np.ndarray:
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, params: PrepareParams):
-    """Stratified split; every class needs at least two rows."""
-    from sklearn.model_selection import train_test_split
-
+    """Stratified (train, validation, held-out) split of the labelled rows: x_train,
+    x_val, x_holdout, y_train, y_val, y_holdout. Every class needs a row on each side."""
     counts = np.bincount(y)
     rare = [c for c, n in enumerate(counts) if 0 < n < 2]
     if rare:
@@ -226,18 +225,28 @@ def split_train_val(x: np.ndarray, y: np.ndarray, params: PrepareParams):
             f"train.csv: class {rare[0]} has a single row; a stratified validation split "
             "needs at least two per class"
         )
-    # sklearn's own rule (ceil for the test side); it would raise a bare ValueError.
-    n_val = math.ceil(params.val_fraction * len(y))
+    n_val, n_hold = (math.ceil(f * len(y)) for f in (params.val_fraction, params.holdout_fraction))
+    if n_hold:
+        x, x_hold, y, y_hold = _split(x, y, n_hold, params, "holdout_fraction")
+    else:
+        x_hold, y_hold = x[:0], y[:0]
+    x_train, x_val, y_train, y_val = _split(x, y, n_val, params, "val_fraction")
+    return x_train, x_val, x_hold, y_train, y_val, y_hold
+
+
+def _split(x: np.ndarray, y: np.ndarray, n_out: int, params: PrepareParams, name: str):
+    """`n_out` rows split off, stratified; one line naming `name` when it cannot be."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(y)
     n_present = int(np.count_nonzero(counts))
-    if min(n_val, len(y) - n_val) < n_present:
+    if min(n_out, len(y) - n_out) < n_present or counts[counts > 0].min() < 2:
         raise UserError(
-            f"train.csv: {len(y)} rows split {len(y) - n_val} train / {n_val} validation "
-            f"(prepare.val_fraction {params.val_fraction}) cannot hold all {n_present} "
-            "classes on both sides; use more rows or change prepare.val_fraction"
+            f"train.csv: {len(y)} rows split {len(y) - n_out} / {n_out} "
+            f"(prepare.{name} {getattr(params, name)}) cannot hold all {n_present} "
+            f"classes on both sides; use more rows or change prepare.{name}"
         )
-    return train_test_split(
-        x, y, test_size=params.val_fraction, random_state=params.seed, stratify=y
-    )
+    return train_test_split(x, y, test_size=n_out, random_state=params.seed, stratify=y)
 
 
 def data_hash(*arrays: np.ndarray) -> str:
@@ -287,8 +296,9 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
         test_ids = np.arange(1, len(test) + 1)
     check_test_ids(test_ids, sample_ids, test_path, sample_path)
 
-    x_train, x_val, y_train, y_val = split_train_val(x_all, labels, params)
+    x_train, x_val, x_hold, y_train, y_val, y_hold = split_train_val(x_all, labels, params)
     n_classes = int(labels.max()) + 1
+    held = (x_hold, y_hold) if len(y_hold) else ()  # no holdout: the hash of before
     meta = Meta(
         competition=competition,
         id_column=id_column,
@@ -296,17 +306,22 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
         explicit_ids=test_id is not None,
         n_classes=n_classes,
         image_shape=(side, side, 1),
-        data_hash=data_hash(x_train, y_train, x_val, y_val, x_test),
+        data_hash=data_hash(x_train, y_train, x_val, y_val, x_test, *held),
     )
     metrics = {
-        "rows": {"train": len(y_train), "val": len(y_val), "test": len(x_test)},
+        "rows": {
+            "train": len(y_train),
+            "val": len(y_val),
+            "holdout": len(y_hold),
+            "test": len(x_test),
+        },
         "class_counts": {
             str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=n_classes))
         },
         "image_shape": list(meta.image_shape),
         "n_classes": n_classes,
     }
-    dataset = Dataset(x_train, y_train, x_val, y_val, x_test, test_ids, meta)
+    dataset = Dataset(x_train, y_train, x_val, y_val, x_test, test_ids, meta, x_hold, y_hold)
     return dataset, metrics
 
 
@@ -317,9 +332,10 @@ def main(config: Config) -> None:
     write_json(paths.data_metrics, metrics)
     rows = metrics["rows"]
     log.info(
-        "prepare: %d train, %d validation, %d test images of %s, %d classes",
+        "prepare: %d train, %d validation, %d held-out, %d test images of %s, %d classes",
         rows["train"],
         rows["val"],
+        rows["holdout"],
         rows["test"],
         "x".join(map(str, metrics["image_shape"])),
         metrics["n_classes"],

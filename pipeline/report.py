@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import plots
 from pipeline.errors import UserError
-from pipeline.experiments import Experiment, load_experiment
+from pipeline.experiments import Experiment
 from pipeline.fsutil import atomic_path, write_json
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
+from pipeline.selection import finished_studies
 from pipeline.stats import LevelStats, level_effects, pareto_front
 from pipeline.studies import Study
 
@@ -239,20 +240,53 @@ def build_report(
     return "\n".join(lines) + "\n", results
 
 
+def heldout_section(config: Config, studies: dict) -> tuple[list[str], dict[str, Any]]:
+    """Each study's chosen model scored once on the held-out images beside its validation
+    score (the best of many trials on the validation images, so optimistic), and the
+    submission's own held-out estimate when `ablate submit` has run on this data."""
+    import keras
+
+    from pipeline.dataset import load_prepared
+    from pipeline.ensemble import holdout_estimate
+
+    paths, data = config.paths, load_prepared(config.paths.prepared)
+    if len(data.y_holdout) == 0:
+        return [], {}
+    lines = [
+        "## Validation versus held-out",
+        "",
+        f"The {len(data.y_holdout)} held-out images were used by no selection. Each study's "
+        "validation score is the best of its trials, so it is optimistic; the held-out "
+        "accuracy (95% Wilson interval) is what to expect on the leaderboard.",
+        "",
+        "| model | validation | held-out | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    results: dict[str, Any] = {}
+    for name, (_, metrics) in studies.items():
+        if paths.sweep_model(name).is_file():
+            model = keras.models.load_model(paths.sweep_model(name))
+            estimate = holdout_estimate([model], data, config.submit.batch_size)
+            results[name] = {"val_accuracy": metrics.get("best_value"), **estimate}
+    if paths.submission_json.is_file():
+        sidecar = json.loads(paths.submission_json.read_text())
+        if sidecar.get("data_hash") == data.meta.data_hash and sidecar.get("holdout_ci95"):
+            results[f"submission ({sidecar['strategy']})"] = {
+                "val_accuracy": None,
+                **{k: sidecar[k] for k in ("holdout_accuracy", "holdout_ci95", "holdout_n")},
+            }
+    for name, row in results.items():
+        low, high = row["holdout_ci95"]
+        lines.append(
+            f"| {name} | {_fmt(row['val_accuracy'])} | {row['holdout_accuracy']:.4f} | "
+            f"[{low:.4f}, {high:.4f}] |"
+        )
+    return [*lines, ""], results
+
+
 def main(config: Config) -> None:
     paths = config.paths
-    studies = {}
-    for name in config.experiments:
-        metrics_file = paths.sweep_metrics(name)
-        if not metrics_file.is_file():
-            log.warning("report: no %s; run `dvc repro sweep@%s` to include it", metrics_file, name)
-            continue
-        experiment = load_experiment(paths.experiments, name, None, config.model)
-        studies[name] = (experiment, json.loads(metrics_file.read_text()))
-    if not studies:
-        raise UserError(
-            f"no sweep results in {paths.sweep_metrics_dir}/; run the sweeps first (`dvc repro`)"
-        )
+    studies = finished_studies(config, "report")
     markdown, results = build_report(
         studies,
         config.sweep.storage,
@@ -260,6 +294,8 @@ def main(config: Config) -> None:
         config.report,
         config.sweep.heartbeat_seconds,
     )
+    heldout, results["heldout"] = heldout_section(config, studies)
+    markdown += "\n".join(heldout)
     with atomic_path(paths.report_markdown) as tmp:
         tmp.write_text(markdown)
     write_json(paths.report_json, results)

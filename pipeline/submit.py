@@ -1,20 +1,21 @@
 """Stage `submit`: predict the test set and write a Kaggle submission that Kaggle accepts.
 
-Loads the best model across studies (or the study named by `submit.experiment`),
-predicts the test images in batches, and writes `submissions/submission.csv` in exactly
-the layout of the competition's `sample_submission.csv`: same columns, same id order. The
-file is validated before it is written (row count, ids, label range, no missing values);
-an invalid file is never written. `submissions/submission.json` records where it came
-from. Uploading is opt-in and never part of `dvc repro`: `ablate submit --upload -m MSG`.
+Predicts the test images with the members `submit.strategy` picks (`pipeline.ensemble`:
+the best checkpoint, the best configuration refit on all labelled data, or an ensemble of
+the top configurations), and writes `submissions/submission.csv` in exactly the layout of
+the competition's `sample_submission.csv`: same columns, same id order. The file is
+validated before it is written (row count, ids, label range, no missing values); an
+invalid file is never written. `submissions/submission.json` records the strategy, its
+members and the accuracy expected on the leaderboard, measured once on held-out images
+that no selection saw, with its 95% interval; an MLflow run `submit-<strategy>` holds the
+same. Uploading is opt-in and never part of `dvc repro`: `ablate submit --upload -m MSG`.
 
 Run: `ablate submit` (or `dvc repro submit`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,36 +25,12 @@ import pandas as pd
 from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
-from pipeline.model import predict_labels
-from pipeline.params import Paths
 from pipeline.prepare import read_csv
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def choose_study(paths: Paths, experiments: Sequence[str], wanted: str | None) -> dict:
-    """The sweep metrics of `wanted`, or of the study with the best `best_value`."""
-    found = {}
-    metrics_dir = paths.sweep_metrics_dir
-    for name in experiments:
-        path = paths.sweep_metrics(name)
-        if path.is_file():
-            found[name] = json.loads(path.read_text())
-    if wanted is not None:
-        if wanted not in found:
-            raise UserError(
-                f"submit.experiment {wanted!r} has no results in {metrics_dir}/; "
-                f"choose one of {', '.join(found) or 'none (run the sweeps)'}"
-            )
-        return {"experiment": wanted, **found[wanted]}
-    scored = {k: v for k, v in found.items() if v.get("best_value") is not None}
-    if not scored:
-        raise UserError(f"no finished sweep in {metrics_dir}/; run `dvc repro` first")
-    best = max(scored, key=lambda k: scored[k]["best_value"])
-    return {"experiment": best, **scored[best]}
 
 
 def make_submission(labels: np.ndarray, data: Dataset, sample: pd.DataFrame) -> pd.DataFrame:
@@ -110,24 +87,6 @@ def validate(submission: pd.DataFrame, sample: pd.DataFrame, n_classes: int) -> 
         )
 
 
-def predict(model, data: Dataset, batch_size: int) -> np.ndarray:
-    """Class labels for the test set; refuses a model with the wrong number of classes."""
-    n_out = int(model.output_shape[-1])
-    if n_out != data.meta.n_classes:
-        raise UserError(
-            f"the model predicts {n_out} classes but the competition has "
-            f"{data.meta.n_classes}; it was trained on other data: run the sweeps "
-            "again (`dvc repro`)"
-        )
-    expected = tuple(model.input_shape[1:])
-    if expected != tuple(data.meta.image_shape):
-        raise UserError(
-            f"the model expects images of {expected} but the test images are "
-            f"{tuple(data.meta.image_shape)}; run the sweeps again"
-        )
-    return predict_labels(model, data.x_test, batch_size)
-
-
 def write_submission(submission: pd.DataFrame, dest: Path) -> None:
     with atomic_path(dest) as tmp:
         submission.to_csv(tmp, index=False)
@@ -146,46 +105,76 @@ def upload_submission(csv: Path, competition: str, message: str) -> str:
 
 
 def main(config: Config, upload: bool = False, message: str | None = None) -> dict[str, Any]:
-    import keras
+    from pipeline import ensemble
+    from pipeline.kaggle_client import KAGGLE_HELP, has_kaggle_credentials
 
-    from pipeline.tracking import Tracker
-
-    paths, competition = config.paths, config.data.competition
+    paths, competition, settings = config.paths, config.data.competition, config.submit
     if upload and not message:
         raise UserError('--upload needs a description: ablate submit --upload -m "message"')
-    chosen = choose_study(paths, config.experiments, config.submit.experiment)
-    model_path = paths.sweep_model(chosen["experiment"])
-    if not model_path.is_file():
-        raise UserError(f"{model_path}: no model; run `dvc repro sweep@{chosen['experiment']}`")
+    if upload and not has_kaggle_credentials():
+        raise UserError(f"--upload: no Kaggle credentials found: {KAGGLE_HELP}")
     data = load_prepared(paths.prepared)
     sample = read_csv(paths.raw_data(competition) / "sample_submission.csv")
-    model = keras.models.load_model(model_path)
-    submission = make_submission(predict(model, data, config.submit.batch_size), data, sample)
+    members = ensemble.members(config, data)
+    test = ensemble.probabilities(members.models, data.x_test, data, settings.batch_size)
+    submission = make_submission(test.argmax(axis=1), data, sample)
+    estimate = ensemble.holdout_estimate(members.models, data, settings.batch_size)
 
     csv = paths.submission_csv
     write_submission(submission, csv)
+    chosen = members.chosen
     sidecar = {
-        "experiment": chosen["experiment"],
+        "strategy": settings.strategy,
+        "members": members.described,
+        **estimate,
+        "experiment": chosen.get("experiment"),
         "study": chosen.get("study"),
-        "mlflow_run_id": chosen.get("parent_run_id"),
-        "best_trial_run_id": chosen.get("best_run_id"),
-        "model_uri": chosen.get("model_uri"),
-        "registered_model": chosen.get("registered_model"),
         "val_accuracy": chosen.get("best_value"),
+        "best_trial_run_id": chosen.get("best_run_id"),
+        "registered_model": chosen.get("registered_model"),
         "data_hash": data.meta.data_hash,
         "rows": len(submission),
     }
+    sidecar["mlflow_run_id"] = _log_to_mlflow(config, csv, sidecar, data)
     write_json(paths.submission_json, sidecar)
-    if chosen.get("parent_run_id"):
-        tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
-        tracker.log_artifact(chosen["parent_run_id"], csv, "submission")
+    held = estimate["holdout_accuracy"]
     log.info(
-        "submit: wrote %s (%d rows) from %s, val_accuracy %.4f",
+        "submit: wrote %s (%d rows), strategy %s with %d member(s); held-out accuracy %s",
         csv,
         len(submission),
-        chosen["experiment"],
-        chosen.get("best_value") or float("nan"),
+        settings.strategy,
+        len(members.models),
+        "n/a (prepare.holdout_fraction is 0)"
+        if held is None
+        else f"{held:.4f} (95% CI {estimate['holdout_ci95'][0]:.4f}-"
+        f"{estimate['holdout_ci95'][1]:.4f}, {estimate['holdout_n']} images)",
     )
     if upload:
         log.info("submit: uploaded to Kaggle: %s", upload_submission(csv, competition, message))
     return sidecar
+
+
+def _log_to_mlflow(config: Config, csv: Path, sidecar: dict, data: Dataset) -> str:
+    """One `submit` run: the strategy, its members, the held-out estimate, the file."""
+    from pipeline.tracking import Tracker, provenance
+
+    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
+    labels = [m.get("label") or m.get("experiment") for m in sidecar["members"]]
+    run_id = tracker.start_run(
+        f"submit-{sidecar['strategy']}",
+        params={"strategy": sidecar["strategy"], "members": " | ".join(map(str, labels))},
+        tags=provenance(data.meta.competition, data.meta.data_hash),
+    )
+    if sidecar["holdout_accuracy"] is not None:
+        low, high = sidecar["holdout_ci95"]
+        tracker.log_metrics(
+            run_id,
+            {
+                "holdout_accuracy": sidecar["holdout_accuracy"],
+                "holdout_ci95_low": low,
+                "holdout_ci95_high": high,
+            },
+        )
+    tracker.log_artifact(run_id, csv, "submission")
+    tracker.end_run(run_id)
+    return run_id

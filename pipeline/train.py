@@ -61,25 +61,91 @@ def configure_device() -> str:
     return policy
 
 
-def make_datasets(data: Dataset, batch_size: int, seed: int):
-    """Shuffled, batched, prefetched `tf.data` pipelines for train and validation."""
+def augmentation(params: TrainParams, seed: int):
+    """Random rotation, shift and zoom of training images (Keras preprocessing layers,
+    run in the input pipeline: never at inference), or None when `params.augment` is off.
+    Empty space fills with 0, the background of digit images."""
+    import keras
+    from keras import layers
+
+    steps = []
+    if params.augment and params.rotation:
+        steps.append(layers.RandomRotation(params.rotation / 360, fill_mode="constant", seed=seed))
+    if params.augment and params.shift:
+        steps.append(
+            layers.RandomTranslation(params.shift, params.shift, fill_mode="constant", seed=seed)
+        )
+    if params.augment and params.zoom:
+        steps.append(
+            layers.RandomZoom((-params.zoom, params.zoom), fill_mode="constant", seed=seed)
+        )
+    return keras.Sequential(steps) if steps else None
+
+
+def make_datasets(data: Dataset, batch_size: int, seed: int, augment=None):
+    """Shuffled, batched, prefetched `tf.data` pipelines for train and validation (None
+    when the data has no validation images); `augment`, a Keras layer, transforms each
+    training batch."""
     import tensorflow as tf
 
     n_classes = data.meta.n_classes
     y_train = np.eye(n_classes, dtype=np.float32)[data.y_train]
-    y_val = np.eye(n_classes, dtype=np.float32)[data.y_val]
     train_ds = (
         tf.data.Dataset.from_tensor_slices((data.x_train, y_train))
         .shuffle(len(y_train), seed=seed, reshuffle_each_iteration=True)
         .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
     )
+    if augment is not None:
+        train_ds = train_ds.map(
+            lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    train_ds = train_ds.prefetch(tf.data.AUTOTUNE)
+    if len(data.y_val) == 0:
+        return train_ds, None
+    y_val = np.eye(n_classes, dtype=np.float32)[data.y_val]
     val_ds = (
         tf.data.Dataset.from_tensor_slices((data.x_val, y_val))
         .batch(max(batch_size, 256))
         .prefetch(tf.data.AUTOTUNE)
     )
     return train_ds, val_ds
+
+
+def learning_rate(rate: float, params: TrainParams, steps_per_epoch: int):
+    """Adam's rate over training: constant, or cosine decay to 1% of it over all epochs
+    (`plateau` halves it in a callback instead, see `_schedule_callbacks`)."""
+    import keras
+
+    if params.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            rate, decay_steps=params.epochs * steps_per_epoch, alpha=0.01
+        )
+    return rate
+
+
+def _callbacks(params: TrainParams, rate: float, validated: bool) -> list:
+    """Keep the best epoch by `val_loss` (stopping early if `patience` says so), and the
+    plateau schedule. Without validation images the last epoch is kept."""
+    import keras
+
+    if not validated:
+        return []
+    patience = params.epochs if params.patience is None else params.patience
+    kept = [
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss",
+            patience=patience,
+            restore_best_weights=True,
+            start_from_epoch=params.min_epochs,
+        )
+    ]
+    if params.schedule == "plateau":
+        kept.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss", factor=0.5, patience=2, min_lr=rate / 100
+            )
+        )
+    return kept
 
 
 def train(
@@ -89,7 +155,9 @@ def train(
     callbacks: list | tuple = (),
     layers: list[LayerShape] | None = None,
 ) -> TrainResult:
-    """Train `config` on `data`; the returned model holds the best epoch by `val_loss`.
+    """Train `config` on `data` with the recipe `params`; the returned model holds the
+    best epoch by `val_loss` (the last one when `data` has no validation images, as for
+    a refit on all labelled data).
 
     `layers` is `check_shapes`'s answer when the caller already has it."""
     import keras
@@ -102,10 +170,13 @@ def train(
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
     configure_device()
-    model = build_model(config, data.meta.image_shape, data.meta.n_classes, checked=layers)
-    train_ds, val_ds = make_datasets(data, params.batch_size, params.seed)
-    stopper = keras.callbacks.EarlyStopping(
-        monitor="val_loss", patience=params.patience, restore_best_weights=True
+    steps = -(-len(data.y_train) // params.batch_size)
+    rate = learning_rate(config.learning_rate, params, steps)
+    model = build_model(
+        config, data.meta.image_shape, data.meta.n_classes, checked=layers, learning_rate=rate
+    )
+    train_ds, val_ds = make_datasets(
+        data, params.batch_size, params.seed, augmentation(params, params.seed)
     )
     start = time.perf_counter()
     with _forget_traced_gradients():
@@ -115,24 +186,34 @@ def train(
             epochs=params.epochs,
             verbose=0,
             shuffle=False,
-            callbacks=[stopper, *callbacks],
+            callbacks=[*_callbacks(params, config.learning_rate, val_ds is not None), *callbacks],
         )
     seconds = time.perf_counter() - start
     history = {k: [float(v) for v in fit.history.get(k, [])] for k in HISTORY_KEYS}
-    # EarlyStopping never counts a NaN val_loss as an improvement, so neither may we:
-    # the metrics must describe the epoch whose weights it restored.
-    val_loss = np.asarray(history["val_loss"], dtype=np.float64)
-    best = int(np.argmin(np.where(np.isnan(val_loss), np.inf, val_loss)))
     metrics = {
-        "val_accuracy": history["val_accuracy"][best],
-        "val_loss": history["val_loss"][best],
-        "best_epoch": best + 1,
-        "epochs_run": len(history["val_loss"]),
+        **_best_epoch(history),
+        "epochs_run": len(history["loss"]),
         "n_params": count_params(layers),
         "macs": count_macs(layers),
         "train_seconds": seconds,
     }
     return TrainResult(metrics, history, model)
+
+
+def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
+    """The kept epoch's validation scores: the lowest val_loss, or the last epoch."""
+    if not history["val_loss"]:
+        nan = float("nan")
+        return {"val_accuracy": nan, "val_loss": nan, "best_epoch": len(history["loss"])}
+    # EarlyStopping never counts a NaN val_loss as an improvement, so neither may we:
+    # the metrics must describe the epoch whose weights it restored.
+    val_loss = np.asarray(history["val_loss"], dtype=np.float64)
+    best = int(np.argmin(np.where(np.isnan(val_loss), np.inf, val_loss)))
+    return {
+        "val_accuracy": history["val_accuracy"][best],
+        "val_loss": history["val_loss"][best],
+        "best_epoch": best + 1,
+    }
 
 
 @contextlib.contextmanager

@@ -46,7 +46,7 @@ class Job:
     @classmethod
     def load(cls, config: Config, experiment: str) -> Job:
         spec = load_experiment(
-            config.paths.experiments, experiment, config.sweep.n_trials, config.model
+            config.paths.experiments, experiment, config.sweep.n_trials, config.model, config.train
         )
         return cls(config, spec, load_prepared(config.paths.prepared))
 

@@ -27,6 +27,7 @@ def test_dvc_repro_prepare_runs_once_then_is_up_to_date(repo_copy, run_cmd, writ
 
     prepared = repo_copy / "data" / "prepared"
     assert sorted(p.name for p in prepared.iterdir()) == [
+        "holdout.npz",
         "meta.json",
         "test.npz",
         "train.npz",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import load_config
 from pipeline.dataset import load_prepared
 from pipeline.params import PrepareParams
 from pipeline.prepare import prepare
@@ -104,11 +105,38 @@ def test_prepare_builds_images_split_and_meta(
         assert data.test_ids.tolist() == list(range(7))
 
     assert metrics == {
-        "rows": {"train": n - n_val, "val": n_val, "test": 7},
+        "rows": {"train": n - n_val, "val": n_val, "holdout": 0, "test": 7},
         "class_counts": {str(c): per_class for c in range(n_classes)},
         "image_shape": [side, side, 1],
         "n_classes": n_classes,
     }
+
+
+def test_a_holdout_split_is_stratified_disjoint_and_saved(make_competition, tmp_path):
+    from pipeline.dataset import labelled_for_refit, save_prepared
+
+    comp = make_competition(tmp_path / "raw", n_classes=3, per_class=20)
+    params = PrepareParams(val_fraction=0.2, holdout_fraction=0.1)
+    data, metrics = prepare(comp.folder, "c", params)
+
+    assert metrics["rows"] == {"train": 42, "val": 12, "holdout": 6, "test": 6}
+    assert np.bincount(data.y_holdout).tolist() == [2, 2, 2]
+    everything = _sorted_rows(
+        np.concatenate([data.x_train, data.x_val, data.x_holdout]).reshape(60, -1),
+        np.concatenate([data.y_train, data.y_val, data.y_holdout]),
+    )
+    pixels = comp.train.filter(like="pixel").to_numpy(np.float32) / 255.0
+    np.testing.assert_allclose(
+        everything, _sorted_rows(pixels, comp.train["label"].to_numpy()), atol=1e-6
+    )
+    without, _ = prepare(comp.folder, "c", PrepareParams(val_fraction=0.2))
+    assert data.meta.data_hash != without.meta.data_hash
+
+    save_prepared(data, tmp_path / "prepared")
+    loaded = load_prepared(tmp_path / "prepared")
+    np.testing.assert_array_equal(loaded.y_holdout, data.y_holdout)
+    refit = labelled_for_refit(loaded)
+    assert (len(refit.y_train), len(refit.y_val)) == (54, 0)
 
 
 def test_explicit_test_ids_are_kept_as_written(make_competition, tmp_path):
@@ -135,13 +163,16 @@ def test_cli_prepare_writes_outputs_that_load_back(workdir, make_competition, la
     comp = make_competition(workdir / RAW, layout)
     assert _ablate("prepare") == 0
 
-    expected, metrics = prepare(comp.folder, "digit-recognizer", PrepareParams())
+    params = load_config(Path("params.yaml")).prepare
+    expected, metrics = prepare(comp.folder, "digit-recognizer", params)
     loaded = load_prepared(PREPARED)
-    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "test_ids"):
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_holdout", "y_holdout", "x_test"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(expected, name))
+    np.testing.assert_array_equal(loaded.test_ids, expected.test_ids)
     assert loaded.meta == expected.meta
     assert json.loads(METRICS.read_text()) == metrics
     assert sorted(p.name for p in PREPARED.iterdir()) == [
+        "holdout.npz",
         "meta.json",
         "test.npz",
         "train.npz",
@@ -368,7 +399,7 @@ BAD_INPUTS = [
     Bad(
         "too-few-rows-to-split",
         lambda f: keep_classes(_p(f), {0: 2, 1: 2, 2: 2}),
-        ("train.csv", "3 classes", "val_fraction"),
+        ("train.csv", "3 classes", "_fraction"),
     ),
 ]
 
@@ -455,19 +486,26 @@ def test_mnist10k_zip_fetch_and_prepare(workdir, write_params):
     assert _ablate("prepare") == 0
 
     data = load_prepared(PREPARED)
-    assert len(data.y_train) + len(data.y_val) == 8000
-    assert len(data.y_val) == 1600
+    held = load_config(Path("params.yaml")).prepare.holdout_fraction
+    assert len(data.y_train) + len(data.y_val) + len(data.y_holdout) == 8000
+    assert (len(data.y_val), len(data.y_holdout)) == (1600, math.ceil(8000 * held))
     assert data.x_train.shape[1:] == data.x_test.shape[1:] == (28, 28, 1)
     assert data.x_test.shape[0] == 2000
     assert data.test_ids.tolist() == list(range(1, 2001))
     assert data.meta.n_classes == 10
     assert (data.meta.id_column, data.meta.label_column) == ("ImageId", "Label")
-    assert json.loads(METRICS.read_text())["rows"] == {"train": 6400, "val": 1600, "test": 2000}
+    rows = json.loads(METRICS.read_text())["rows"]
+    assert rows == {
+        "train": 6400 - len(data.y_holdout),
+        "val": 1600,
+        "holdout": len(data.y_holdout),
+        "test": 2000,
+    }
 
 
 def test_kannada_style_zip_fetch_and_prepare(workdir, write_params, make_competition):
     comp = make_competition(
-        workdir / "build" / "Kannada-MNIST", "kannada", side=8, n_classes=10, per_class=5, n_test=5
+        workdir / "build" / "Kannada-MNIST", "kannada", side=8, n_classes=10, per_class=10, n_test=5
     )
     # Like the real download: an extra file prepare must ignore, inside one top folder.
     (comp.folder / "Dig-MNIST.csv").write_text(comp.train_path.read_text())
@@ -491,5 +529,5 @@ def test_kannada_style_zip_fetch_and_prepare(workdir, write_params, make_competi
         True,
     )
     assert data.meta.image_shape == (8, 8, 1)
-    assert len(data.y_train) + len(data.y_val) == 50
+    assert len(data.y_train) + len(data.y_val) + len(data.y_holdout) == 100
     assert data.test_ids.tolist() == [0, 1, 2, 3, 4]

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from fake_kaggle import TEST_KEY, FakeKaggle
+from support import Project
 
 from pipeline import cli, fetch, prepare
 from pipeline.config import load_config
-from pipeline.dataset import Dataset, Meta, load_prepared
+from pipeline.dataset import Dataset, Meta, load_prepared, save_prepared
 from pipeline.errors import UserError
 from pipeline.submit import make_submission, validate
 
@@ -30,7 +31,7 @@ def _tiny_model(input_shape, n_classes: int) -> keras.Model:
 def project(tmp_path, monkeypatch, write_params):
     """Embedded data fetched and prepared, one study's metrics and its model on disk."""
     monkeypatch.chdir(tmp_path)
-    write_params(tmp_path / "params.yaml", data={"source": "embedded"})
+    write_params(tmp_path / "params.yaml", data={"source": "embedded"}, submit={"strategy": "best"})
     config = load_config("params.yaml")
     fetch.main(config)
     prepare.main(config)
@@ -147,8 +148,67 @@ def test_upload_without_credentials_says_where_they_go(project):
         assert fake.requests == []
     assert result.returncode == 2
     assert "kaggle.json" in result.stderr and "KAGGLE_USERNAME" in result.stderr
+    assert not _csv(project).exists()  # credentials are checked before anything is done
 
 
 def test_upload_needs_a_message(project, capsys):
     assert cli.main(["submit", "--upload"]) == 2
     assert "-m" in capsys.readouterr().err
+
+
+# -- strategies on a real (tiny) study ----------------------------------------------------
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Embedded digits with a held-out split, and the padding study run on them: two
+    levels times two seeds, two epochs a trial."""
+    from pipeline.fetch import write_embedded
+    from pipeline.params import PrepareParams
+
+    root = tmp_path_factory.mktemp("swept")
+    raw = root / "raw" / "digit-recognizer"
+    raw.mkdir(parents=True)
+    write_embedded(raw)
+    data, _ = prepare.prepare(raw, "digit-recognizer", PrepareParams(holdout_fraction=0.1))
+    save_prepared(data, root / "prepared")
+    project = Project(root, root / "prepared")
+    project.add_experiment("padding")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        project.configure(
+            experiments=["padding"], train={"epochs": 2}, sweep={"n_trials": 4, "n_workers": 1}
+        )
+        project.sweep("padding")
+    return project
+
+
+@pytest.mark.parametrize(("strategy", "members"), [("refit", 1), ("ensemble", 2)])
+def test_refit_and_ensemble_submissions_say_what_they_are_and_what_to_expect(
+    swept, monkeypatch, strategy, members
+):
+    monkeypatch.chdir(swept.root)
+    swept.configure(
+        experiments=["padding"],
+        train={"epochs": 2},
+        sweep={"n_trials": 4, "n_workers": 1},
+        submit={"strategy": strategy, "members": members},
+    )
+    assert swept.cli("submit") == 0
+
+    sidecar = json.loads((swept.root / "submissions" / "submission.json").read_text())
+    assert sidecar["strategy"] == strategy
+    labels = [m["label"] for m in sidecar["members"]]
+    assert len(labels) == len(set(labels)) == members
+    for member in sidecar["members"]:
+        assert member["n_seeds"] == 2  # ranked by the mean over both seeds of its level
+        assert member["mean_val_accuracy"] == pytest.approx(np.mean(member["values"]), abs=1e-5)
+    means = [m["mean_val_accuracy"] for m in sidecar["members"]]
+    assert means == sorted(means, reverse=True)
+    held = load_prepared(swept.prepared).y_holdout
+    assert sidecar["holdout_n"] == len(held) > 0
+    low, high = sidecar["holdout_ci95"]
+    assert 0 <= low <= sidecar["holdout_accuracy"] <= high <= 1
+    run = swept.client.get_run(sidecar["mlflow_run_id"])
+    assert run.info.run_name == f"submit-{strategy}"
+    assert run.data.metrics["holdout_accuracy"] == pytest.approx(sidecar["holdout_accuracy"])
+    written = pd.read_csv(swept.root / "submissions" / "submission.csv")
+    assert len(written) == sidecar["rows"]

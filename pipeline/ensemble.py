@@ -1,0 +1,153 @@
+"""What a submission predicts with, by `submit.strategy`.
+
+- `best`: the single best checkpoint across studies (or of `submit.experiment`), as
+  trained in its trial on the training split.
+- `refit`: the best configuration by its mean over seeds, trained again on every labelled
+  image but the held-out ones, for the median of the epochs its trials kept.
+- `ensemble`: the top `submit.members` distinct configurations, each refit like that
+  (seeds 0, 1, ...), their softmax outputs averaged.
+
+Every member's probabilities are averaged; the held-out images, which no selection saw,
+then give the submission's expected accuracy once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline.dataset import Dataset, labelled_for_refit
+from pipeline.errors import UserError
+from pipeline.selection import finished_studies, rank_candidates, wilson
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Members:
+    """The models a submission averages, and what each one is."""
+
+    models: list = field(repr=False)
+    described: list[dict[str, Any]]
+    chosen: dict[str, Any] = field(default_factory=dict)  # `best`: the chosen study's metrics
+
+
+def best_checkpoint(config: Config) -> Members:
+    import keras
+
+    chosen = choose_study(config)
+    path = config.paths.sweep_model(chosen["experiment"])
+    if not path.is_file():
+        raise UserError(f"{path}: no model; run `dvc repro sweep@{chosen['experiment']}`")
+    described = {
+        "experiment": chosen["experiment"],
+        "study": chosen.get("study"),
+        "trial": chosen.get("best_trial"),
+        "val_accuracy": chosen.get("best_value"),
+        "params": chosen.get("best_params"),
+    }
+    return Members([keras.models.load_model(path)], [described], chosen)
+
+
+def choose_study(config: Config) -> dict[str, Any]:
+    """The sweep metrics of `submit.experiment`, or of the study with the best value."""
+    found = {}
+    for name in config.experiments:
+        path = config.paths.sweep_metrics(name)
+        if path.is_file():
+            found[name] = json.loads(path.read_text())
+    wanted, where = config.submit.experiment, config.paths.sweep_metrics_dir
+    if wanted is not None:
+        if wanted not in found:
+            raise UserError(
+                f"submit.experiment {wanted!r} has no results in {where}/; "
+                f"choose one of {', '.join(found) or 'none (run the sweeps)'}"
+            )
+        return {"experiment": wanted, **found[wanted]}
+    scored = {k: v for k, v in found.items() if v.get("best_value") is not None}
+    if not scored:
+        raise UserError(f"no finished sweep in {where}/; run `dvc repro` first")
+    best = max(scored, key=lambda k: scored[k]["best_value"])
+    return {"experiment": best, **scored[best]}
+
+
+def refits(config: Config, data: Dataset, count: int) -> Members:
+    """The `count` best configurations by mean over seeds, each refit on all labelled
+    images but the held-out ones."""
+    from pipeline import train as training
+    from pipeline.studies import Study
+
+    records = {}
+    for name, (experiment, metrics) in finished_studies(config, "submit").items():
+        study = Study.open(config.sweep.storage, metrics["study"], config.sweep.heartbeat_seconds)
+        records[name] = (experiment, study.records(finished_only=True))
+    ranked = rank_candidates(records, config.model, config.train)
+    if not ranked:
+        raise UserError("no complete trial to refit; run the sweeps first (`dvc repro`)")
+    everything = labelled_for_refit(data)
+    models, described = [], []
+    for seed, candidate in enumerate(ranked[:count]):
+        log.info(
+            "submit: refitting %s (mean val_accuracy %.4f over %d seeds) on %d images, %d epochs",
+            candidate.label,
+            candidate.mean,
+            len(candidate.values),
+            len(everything.y_train),
+            candidate.epochs,
+        )
+        recipe = dataclasses.replace(candidate.train, epochs=candidate.epochs, seed=seed)
+        models.append(training.train(candidate.config, recipe, everything).model)
+        described.append(candidate.summary() | {"refit_seed": seed})
+    return Members(models, described)
+
+
+def members(config: Config, data: Dataset) -> Members:
+    strategy = config.submit.strategy
+    if strategy == "best":
+        return best_checkpoint(config)
+    return refits(config, data, 1 if strategy == "refit" else config.submit.members)
+
+
+def probabilities(models: list, x: np.ndarray, data: Dataset, batch_size: int) -> np.ndarray:
+    """The members' mean softmax output for `x`; refuses a model made for other data."""
+    total = None
+    for model in models:
+        n_out = int(model.output_shape[-1])
+        if n_out != data.meta.n_classes:
+            raise UserError(
+                f"the model predicts {n_out} classes but the competition has "
+                f"{data.meta.n_classes}; it was trained on other data: run the sweeps "
+                "again (`dvc repro`)"
+            )
+        expected = tuple(model.input_shape[1:])
+        if expected != tuple(data.meta.image_shape):
+            raise UserError(
+                f"the model expects images of {expected} but the test images are "
+                f"{tuple(data.meta.image_shape)}; run the sweeps again"
+            )
+        out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+        total = out if total is None else total + out
+    return total / len(models)
+
+
+def holdout_estimate(models: list, data: Dataset, batch_size: int) -> dict[str, Any]:
+    """Accuracy on the held-out images with its 95% Wilson interval (None: no holdout)."""
+    n = len(data.y_holdout)
+    if n == 0:
+        return {"holdout_accuracy": None, "holdout_n": 0}
+    predicted = probabilities(models, data.x_holdout, data, batch_size).argmax(axis=1)
+    correct = int((predicted == data.y_holdout).sum())
+    low, high = wilson(correct, n)
+    return {
+        "holdout_accuracy": correct / n,
+        "holdout_ci95": [round(low, 6), round(high, 6)],
+        "holdout_n": n,
+    }
