@@ -167,6 +167,7 @@ class SweepParams:
     n_workers: int = 1
     max_consecutive_failures: int = 5
     heartbeat_seconds: int = 10
+    reuse: bool = True  # a training already done (same model, recipe, seed, data) is reused
 
     @property
     def per_process(self) -> int | None:

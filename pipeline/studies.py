@@ -243,6 +243,18 @@ class Study:
             log.warning("trials %s were left RUNNING by a dead worker: marked FAIL", failed)
         return failed
 
+    def find_complete(self, reuse_key: str) -> TrialRecord | None:
+        """A COMPLETE trial with this `reuse_key` in any study of this storage (this one
+        first), with `where` ("study#number") added to its attributes."""
+        names = optuna.get_all_study_names(self.storage)
+        for name in sorted(names, key=lambda n: n != self.name):
+            study_id = self.storage.get_study_id_from_name(name)
+            for t in self.storage.get_all_trials(study_id, False, (TrialState.COMPLETE,)):
+                if t.user_attrs.get("reuse_key") == reuse_key and "metrics" in t.user_attrs:
+                    attrs = dict(t.user_attrs) | {"where": f"{name}#{t.number}"}
+                    return TrialRecord(t.number, t.state.name, dict(t.params), t.value, attrs)
+        return None
+
     def best(self) -> TrialRecord | None:
         complete = [r for r in self.records() if r.state == "COMPLETE"]
         if not complete:

@@ -133,6 +133,7 @@ def summarize(study: Study, job: Job) -> dict[str, Any]:
         "n_pruned": count["PRUNED"],
         "n_rejected": sum(r.state == "PRUNED" and r.rejected for r in records),
         "n_failed": count["FAIL"],
+        "n_reused": sum("reused_from" in r.attrs for r in records),
         "epochs_run": sum(int(r.attrs.get("epochs_run", 0)) for r in records),
         "wall_seconds": study.wall_seconds(),
     }
@@ -153,7 +154,8 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
         )
     paths = job.config.paths
     with tempfile.TemporaryDirectory() as tmp:
-        local = tracker.download_artifact(best.run_id, CHECKPOINT, Path(tmp))
+        source = best.attrs.get("checkpoint_run_id", best.run_id)
+        local = tracker.download_artifact(source, CHECKPOINT, Path(tmp))
         model = keras.models.load_model(local)
         with atomic_path(paths.sweep_model(job.experiment.name)) as out:
             out.write_bytes(local.read_bytes())

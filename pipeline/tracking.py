@@ -146,6 +146,20 @@ class Tracker:
     def download_artifact(self, run_id: str, path: str, dest: Path) -> Path:
         return Path(self.client.download_artifacts(run_id, path, str(dest)))
 
+    def log_history(self, run_id: str, history: dict[str, list[float]]) -> None:
+        """Per-epoch metrics after the fact (a reused trial's, copied from its original)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [
+            Metric(k, float(v), now, step)
+            for k, values in history.items()
+            for step, v in enumerate(values)
+            if k in _EPOCH_KEYS
+        ]
+        for start in range(0, len(rows), 1000):
+            self.client.log_batch(run_id, metrics=rows[start : start + 1000])
+
     def epoch_logger(self, run_id: str):
         """A Keras callback that logs each epoch's metrics in one batched call."""
         import keras

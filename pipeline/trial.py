@@ -1,5 +1,9 @@
 """One trial of a study: suggest -> apply -> check -> train -> value.
 
+A training done before with the same model, recipe, seed and data, in any study of the
+same storage, is reused instead of repeated (`sweep.reuse`): the trial takes over its
+value, metrics and checkpoint, and its MLflow run says where they came from.
+
 `evaluate` is the objective without any tracking: it turns sampled values into a config,
 checks its shapes, trains it and returns an `Outcome` (COMPLETE with a value, PRUNED with
 a reason, FAIL with an error). `run_trial` wraps it for a claimed trial: an MLflow child
@@ -9,7 +13,10 @@ callbacks, and the outcome goes back to the study.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -23,7 +30,7 @@ from pipeline.errors import Pruned, UserError
 from pipeline.experiments import Experiment, apply_factors, load_experiment, study_name
 from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
 from pipeline.params import TrainParams
-from pipeline.records import REJECTED
+from pipeline.records import REJECTED, TrialRecord
 from pipeline.studies import Study, Trial
 from pipeline.tracking import Tracker
 
@@ -106,7 +113,8 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
             reason=f"{type(exc).__name__}: {exc}"[:5000],
             attrs={"epochs_run": counter.epochs},
         )
-    attrs = {k: result.metrics[k] for k in RESULT_ATTRS} | {"history": result.history}
+    attrs = {k: result.metrics[k] for k in RESULT_ATTRS}
+    attrs |= {"history": result.history, "metrics": result.metrics}
     return Outcome(
         "COMPLETE",
         result.metrics[job.experiment.objective],
@@ -118,6 +126,29 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
 
 def _rejected(why: str) -> Outcome:
     return Outcome("PRUNED", reason=f"{REJECTED}: {why}", attrs={"epochs_run": 0})
+
+
+def reuse_key(job: Job, config: ModelConfig, params: TrainParams) -> str:
+    """What makes two trainings the same: model, recipe (seed included) and data."""
+    payload = json.dumps(
+        [config.to_dict(), dataclasses.asdict(params), job.data.meta.data_hash],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def reused(job: Job, found: TrialRecord) -> Outcome:
+    """The outcome of a finished trial with the same key, taken over without training: the
+    same objective value, metrics, history and checkpoint; zero epochs run here."""
+    attrs = {k: found.attrs[k] for k in (*RESULT_ATTRS, "history", "metrics") if k in found.attrs}
+    attrs |= {
+        "epochs_run": 0,
+        "reused_from": found.attrs["where"],
+        "checkpoint_run_id": found.attrs.get("checkpoint_run_id", found.run_id),
+    }
+    metrics = found.attrs["metrics"]
+    return Outcome("COMPLETE", metrics[job.experiment.objective], attrs=attrs, metrics=metrics)
 
 
 def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outcome:
@@ -134,9 +165,14 @@ def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outco
             "train.seed": params.seed,
         },
     )
-    trial.set_attrs({"mlflow_run_id": run_id})
+    key = None if refused else reuse_key(job, config, params)
+    trial.set_attrs({"mlflow_run_id": run_id, "reuse_key": key})
+    found = trial.study.find_complete(key) if key and job.config.sweep.reuse else None
     if refused:
         outcome = _rejected(refused)
+    elif found is not None:
+        outcome = reused(job, found)
+        tracker.log_history(run_id, outcome.attrs.get("history", {}))
     else:
         callbacks = [tracker.epoch_logger(run_id), trial.pruning_callback(job.experiment.objective)]
         with trial.heartbeat(job.config.sweep.heartbeat_seconds):
@@ -153,10 +189,13 @@ def _record(outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str) -> No
     tags = {"state": outcome.state}
     if outcome.state == "COMPLETE":
         tracker.log_metrics(run_id, {f"best_{k}": v for k, v in outcome.metrics.items()})
-        if trial.is_best_so_far(outcome.value):
+        if outcome.model is not None:  # trained here: its checkpoint, for finalize and reuse
             with tempfile.TemporaryDirectory() as tmp:
                 outcome.model.save(Path(tmp) / "best.keras")
                 tracker.log_artifact(run_id, Path(tmp) / "best.keras", "checkpoint")
+            outcome.attrs["checkpoint_run_id"] = run_id
+        else:
+            tags["reused_from"] = outcome.attrs["reused_from"]
     elif outcome.state == "PRUNED":
         outcome.attrs["prune_reason"] = tags["prune_reason"] = outcome.reason
     else:

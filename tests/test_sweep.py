@@ -63,6 +63,7 @@ def _make_project(root: Path, prepared: Path, mlflow_db: Path) -> Project:
     shutil.copy2(mlflow_db, root / "mlflow.db")
     project = Project(root, prepared)
     project.add_experiment("padding")
+    project.add_experiment("strides")
     project.add_experiment("collapse", COLLAPSE)
     project.add_experiment("hopeless", HOPELESS)
     configure(project)
@@ -211,6 +212,35 @@ def test_rerun_continues_the_same_study_and_new_train_params_start_another(workd
     assert sorted(optuna.get_all_study_names(workdir.storage)) == sorted(
         [first["study"], other["study"]]
     )
+
+
+def test_two_studies_sharing_the_base_level_train_it_once(workdir):
+    padding = workdir.sweep("padding")  # valid and same (the base), seed 0
+    strides = workdir.sweep("strides")  # 1 (the base) and 2, seed 0
+
+    base_in_padding = next(
+        t for t in workdir.study(padding["study"]).get_trials() if t.params["padding"] == "same"
+    )
+    trials = {t.params["strides"]: t for t in workdir.study(strides["study"]).get_trials()}
+    reused = trials[1]
+    assert reused.user_attrs["reused_from"] == f"{padding['study']}#{base_in_padding.number}"
+    assert reused.value == base_in_padding.value
+    assert reused.user_attrs["epochs_run"] == 0
+    assert reused.user_attrs["history"] == base_in_padding.user_attrs["history"]
+    assert "reused_from" not in trials[2].user_attrs
+    assert (strides["n_reused"], strides["epochs_run"]) == (1, 2)  # only stride 2 trained
+    run = workdir.children(workdir.study(strides["study"]))[reused.number]
+    assert run.data.tags["reused_from"] == reused.user_attrs["reused_from"]
+    assert run.data.metrics["best_val_accuracy"] == reused.value
+    history = workdir.client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.value for m in history] == base_in_padding.user_attrs["history"]["val_accuracy"]
+
+
+def test_reuse_can_be_switched_off(workdir):
+    configure(workdir, sweep={"reuse": False})
+    workdir.sweep("padding")
+    strides = workdir.sweep("strides")
+    assert (strides["n_reused"], strides["epochs_run"]) == (0, 4)
 
 
 # -- (c) the pruner, and designs that collapse, prune trials ---------------------------------
@@ -465,7 +495,9 @@ def test_worker_for_a_study_that_does_not_exist(workdir, capsys):
 
 def test_sweep_of_an_unknown_experiment(workdir, capsys):
     assert workdir.cli("sweep", "--experiment", "paddding") == cli.EXIT_USER_ERROR
-    assert "no such experiment; known: collapse, hopeless, padding" in capsys.readouterr().err
+    assert (
+        "no such experiment; known: collapse, hopeless, padding, strides" in capsys.readouterr().err
+    )
 
 
 def test_sweep_with_an_unknown_storage(workdir, capsys):
