@@ -78,6 +78,7 @@ KEYS = (
     "objective",
     "direction",
     "base_level",
+    "learning_rates",
 )
 
 
@@ -100,6 +101,9 @@ class Experiment:
     direction: str = "maximize"
     description: str = ""
     base_level: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # each level also at each of these learning rates; the report compares levels at
+    # their best rates
+    learning_rates: tuple[float, ...] = ()
 
     @property
     def is_grid(self) -> bool:
@@ -111,10 +115,13 @@ class Experiment:
         names = list(self.factors)
         combos = itertools.product(*(self.factors[n] for n in names))
         points = [dict(zip(names, c, strict=True)) for c in combos]
+        if self.learning_rates:
+            points = [{**p, "learning_rate": r} for p in points for r in self.learning_rates]
         return [{**p, "seed": s} for s in range(self.repeats) for p in points]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {"learning_rates": list(self.learning_rates)} if self.learning_rates else {}
+        return extra | {
             "factors": {
                 k: (dataclasses.asdict(v) if isinstance(v, Range) else list(v))
                 for k, v in self.factors.items()
@@ -221,10 +228,13 @@ def parse_experiment(
             raise UserError(f"{where}: sampler grid needs lists of levels, not ranges")
         if "seed" in factors:
             raise UserError(f"{where}: factors.seed: use `repeats` for seeds in a grid study")
-        grid_size = repeats * len(list(itertools.product(*factors.values())))
+        rates = _learning_rates(data.get("learning_rates"), factors, where)
+        grid_size = repeats * len(list(itertools.product(*factors.values()))) * (len(rates) or 1)
         n_trials = data.get("n_trials", grid_size)
     else:
-        n_trials = data.get("n_trials")
+        if data.get("learning_rates") is not None:
+            raise UserError(f"{where}: learning_rates: only for sampler grid")
+        n_trials, rates = data.get("n_trials"), ()
     if n_trials_override is not None:
         n_trials = n_trials_override
     if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
@@ -254,7 +264,20 @@ def parse_experiment(
         direction,
         str(data.get("description", "")),
         base_level,
+        rates,
     )
+
+
+def _learning_rates(raw: Any, factors: dict, where: str) -> tuple[float, ...]:
+    if raw is None:
+        return ()
+    if "learning_rate" in factors or len(factors) != 1:
+        raise UserError(f"{where}: learning_rates: for a study of one factor other than it")
+    if not isinstance(raw, list) or len(set(raw)) != len(raw) or len(raw) < 2:
+        raise UserError(f"{where}: learning_rates: expected two or more distinct rates")
+    if any(isinstance(r, bool) or not isinstance(r, int | float) or r <= 0 for r in raw):
+        raise UserError(f"{where}: learning_rates: rates must be numbers > 0; got {raw!r}")
+    return tuple(float(r) for r in raw)
 
 
 def base_levels(
@@ -308,6 +331,10 @@ def suggest(trial, experiment: Experiment) -> dict[str, Any]:
                 values[name] = trial.suggest_float(name, levels.low, levels.high, log=levels.log)
         else:
             values[name] = trial.suggest_categorical(name, list(levels))
+    if experiment.learning_rates:
+        values["learning_rate"] = trial.suggest_categorical(
+            "learning_rate", list(experiment.learning_rates)
+        )
     if experiment.is_grid:
         values["seed"] = trial.suggest_categorical("seed", list(range(experiment.repeats)))
     return values

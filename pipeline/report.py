@@ -27,7 +27,7 @@ from pipeline.fsutil import atomic_path, write_json
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.selection import finished_studies
-from pipeline.stats import LevelStats, level_effects, pareto_front
+from pipeline.stats import LevelStats, at_best_rates, level_effects, pareto_front
 from pipeline.studies import Study
 
 if TYPE_CHECKING:
@@ -94,9 +94,19 @@ def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) ->
 
 
 def report_factor(
-    name: str, factor: str, base_level: Any, records: list[TrialRecord], paths: Paths, settings
+    name: str,
+    factor: str,
+    base_level: Any,
+    records: list[TrialRecord],
+    paths: Paths,
+    settings,
+    rates: tuple[float, ...] = (),
 ) -> tuple[list[str], dict[str, Any]]:
-    """One single-factor study's section, and its plots."""
+    """One single-factor study's section, and its plots; with `rates`, each level at its
+    own best learning rate."""
+    chosen_rates: dict[str, float] = {}
+    if rates:
+        records, chosen_rates = at_best_rates(records, factor)
     stats = level_effects(
         records, factor, base_level, settings.bootstrap, settings.confidence, settings.seed
     )
@@ -109,6 +119,13 @@ def report_factor(
         for s in stats
     }
     lines = [f"## {name}: {factor}", ""]
+    if chosen_rates:
+        shown = ", ".join(f"{level} at {rate:g}" for level, rate in sorted(chosen_rates.items()))
+        lines += [
+            f"Each level ran at the learning rates {', '.join(f'{r:g}' for r in rates)} and is "
+            f"compared at its best one by mean over seeds: {shown}.",
+            "",
+        ]
     lines += factor_table(stats, base_level, settings.confidence)
     lines.append("")
     for s in stats:
@@ -141,6 +158,7 @@ def report_factor(
         lines.append(f"![{name} learning curves]({curves})")
     lines.append("")
     summary = {
+        "learning_rates": chosen_rates,
         "factor": factor,
         "base_level": str(base_level),
         "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"} for s in stats},
@@ -231,7 +249,9 @@ def build_report(
         if experiment.is_grid and len(experiment.factors) == 1:
             factor = next(iter(experiment.factors))
             base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
-            section, summary = report_factor(name, factor, base_level, records, paths, settings)
+            section, summary = report_factor(
+                name, factor, base_level, records, paths, settings, experiment.learning_rates
+            )
         else:
             section, summary = report_joint(name, records, study, paths)
         summary["best_value"] = metrics.get("best_value")

@@ -103,3 +103,23 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             front.append((size, accuracy))
             best = accuracy
     return front
+
+
+def at_best_rates(
+    trials: list[TrialRecord], factor: str
+) -> tuple[list[TrialRecord], dict[str, float]]:
+    """Each level's trials at the learning rate with its best mean over seeds (complete
+    trials only), so that levels are compared at their own best rates; and that rate per
+    level. Every level gets the same choice, so the comparison stays even."""
+    by_rate: dict[tuple[str, float], list[float]] = {}
+    for t in trials:
+        if t.state == "COMPLETE":
+            key = (str(t.params[factor]), t.params["learning_rate"])
+            by_rate.setdefault(key, []).append(t.value)
+    best: dict[str, float] = {}
+    for (level, rate), values in by_rate.items():
+        current = best.get(level)
+        if current is None or np.mean(values) > np.mean(by_rate[level, current]):
+            best[level] = rate
+    kept = [t for t in trials if best.get(str(t.params[factor])) == t.params.get("learning_rate")]
+    return kept, best

@@ -367,3 +367,35 @@ def test_bad_sampler_arguments_are_refused_before_any_trial(base):
     )
     with pytest.raises(UserError, match="experiments/x.yaml: sampler: .*n_start"):
         _sampler(experiment)
+
+
+def test_learning_rates_give_every_level_each_rate_and_leave_other_names_alone(base):
+    spec = {"factors": {"regularization": ["none", "batchnorm"]}, "repeats": 2}
+    plain = parse_experiment("r", spec, "r.yaml", None, base)
+    tuned = parse_experiment("r", {**spec, "learning_rates": [1e-3, 4e-3]}, "r.yaml", None, base)
+
+    assert tuned.n_trials == len(tuned.grid()) == 2 * 2 * 2
+    assert {(p["regularization"], p["learning_rate"]) for p in tuned.grid()} == {
+        (level, rate) for level in ("none", "batchnorm") for rate in (1e-3, 4e-3)
+    }
+    assert "learning_rates" not in plain.to_dict()
+    assert study_name(plain, base, TrainParams(), "h") != study_name(
+        tuned, base, TrainParams(), "h"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"learning_rates": [1e-3]}, "two or more distinct rates"),
+        ({"learning_rates": [1e-3, -1]}, "numbers > 0"),
+        (
+            {"learning_rates": [1e-3, 2e-3], "sampler": "tpe", "n_trials": 4},
+            "only for sampler grid",
+        ),
+    ],
+)
+def test_bad_learning_rates_are_refused_when_the_file_is_read(base, extra, message):
+    spec = {"factors": {"padding": ["valid", "same"]}, **extra}
+    with pytest.raises(UserError, match=message):
+        parse_experiment("x", spec, "x.yaml", None, base)

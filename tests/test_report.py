@@ -14,7 +14,7 @@ from pipeline.experiments import parse_experiment
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.report import build_report, regularization_answer
-from pipeline.stats import level_effects, pareto_front
+from pipeline.stats import at_best_rates, level_effects, pareto_front
 
 SETTINGS = types.SimpleNamespace(bootstrap=2000, confidence=0.95, seed=0)
 HISTORY = {
@@ -201,3 +201,29 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
     assert [p["n_params"] for p in front] == sorted(p["n_params"] for p in front)
     assert all(b["val_accuracy"] > a["val_accuracy"] for a, b in itertools.pairwise(front))
     assert (tmp_path / "plots" / "joint_pareto.png").stat().st_size > 1000
+
+
+def test_levels_are_compared_at_their_own_best_learning_rate():
+    # batchnorm is poor at the low rate and good at the high one; none the other way round
+    means = {
+        ("none", 1e-3): 0.97,
+        ("none", 4e-3): 0.95,
+        ("batchnorm", 1e-3): 0.90,
+        ("batchnorm", 4e-3): 0.98,
+    }
+    trials = [
+        TrialRecord(
+            i,
+            "COMPLETE",
+            {"regularization": level, "learning_rate": rate, "seed": seed},
+            mean + 0.001 * seed,
+        )
+        for i, ((level, rate), mean) in enumerate(
+            (key, mean) for key, mean in means.items() for _ in range(3)
+        )
+        for seed in [i % 3]
+    ]
+    kept, rates = at_best_rates(trials, "regularization")
+    assert rates == {"none": 1e-3, "batchnorm": 4e-3}
+    stats = {s.level: s for s in level_effects(kept, "regularization", "none")}
+    assert stats["batchnorm"].effect == pytest.approx(0.01)
