@@ -100,7 +100,8 @@ def require_keras_tuner():
 # -- the Keras Tuner side ---------------------------------------------------------------------
 def make_hypermodel(kt, spec, base, train_params, data):
     """A Keras Tuner build function over `spec`'s factors, on our model builder."""
-    from pipeline.experiments import FACTORS, Range, apply_factors
+    from pipeline.experiments import Range
+    from pipeline.factors import FACTORS, apply_factors
     from pipeline.model import ShapeError, build_model
 
     def build(hp):

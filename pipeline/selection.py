@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import UserError
-from pipeline.experiments import Experiment, apply_factors, load_experiment
+from pipeline.experiments import Experiment, load_experiment
+from pipeline.factors import apply_factors
 from pipeline.model import ModelConfig
 from pipeline.params import TrainParams
 from pipeline.records import TrialRecord

@@ -294,13 +294,6 @@ class Trial:
         for key, value in attrs.items():
             self._trial.set_user_attr(key, value)
 
-    def is_best_so_far(self, value: float) -> bool:
-        best = self.study.best()
-        if best is None:
-            return True
-        maximize = self.study.optuna.direction == optuna.study.StudyDirection.MAXIMIZE
-        return value >= best.value if maximize else value <= best.value
-
     def tell(self, state: str, value: float | None = None) -> None:
         if state == "COMPLETE":
             self.study.optuna.tell(self._trial, value)

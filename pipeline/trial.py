@@ -1,14 +1,14 @@
 """One trial of a study: suggest -> apply -> check -> train -> value.
 
-A training done before with the same model, recipe, seed and data, in any study of the
-same storage, is reused instead of repeated (`sweep.reuse`): the trial takes over its
-value, metrics and checkpoint, and its MLflow run says where they came from.
-
 `evaluate` is the objective without any tracking: it turns sampled values into a config,
 checks its shapes, trains it and returns an `Outcome` (COMPLETE with a value, PRUNED with
 a reason, FAIL with an error). `run_trial` wraps it for a claimed trial: an MLflow child
 run opens before and closes after, with the epoch logger and the pruner as Keras
 callbacks, and the outcome goes back to the study.
+
+A training done before with the same model, recipe, seed and data, in any study of the
+same storage, is reused instead of repeated (`sweep.reuse`): the trial takes over its
+value, metrics and checkpoint, and its MLflow run says where they came from.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pipeline import train as training
 from pipeline.config import Config
 from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import Pruned, UserError
-from pipeline.experiments import Experiment, apply_factors, load_experiment, study_name
+from pipeline.experiments import Experiment, load_experiment, study_name
+from pipeline.factors import apply_factors
 from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
 from pipeline.params import TrainParams
 from pipeline.records import REJECTED, TrialRecord

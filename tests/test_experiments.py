@@ -13,14 +13,8 @@ import yaml
 
 from pipeline.config import load_config, read_params
 from pipeline.errors import UserError
-from pipeline.experiments import (
-    FACTORS,
-    Range,
-    apply_factors,
-    load_experiment,
-    parse_experiment,
-    study_name,
-)
+from pipeline.experiments import Range, load_experiment, parse_experiment, study_name
+from pipeline.factors import FACTORS, apply_factors
 from pipeline.model import ConvBlock, ModelConfig
 from pipeline.params import TrainParams
 
