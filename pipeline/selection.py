@@ -91,13 +91,14 @@ def rank_candidates(
         if experiment.objective != "val_accuracy":
             continue
         for record in records:
-            if record.state != "COMPLETE" or record.value is None:
-                continue
+            if record.state != "COMPLETE" or record.value is None or "reused_from" in record.attrs:
+                continue  # a reused trial is a copy of another: its seed counts once
             values = {k: v for k, v in record.params.items() if k != "seed"}
             config, recipe = apply_factors(base, train, values)
             key = json.dumps([config.to_dict(), dataclasses.asdict(recipe)], sort_keys=True)
+            label = "base" if (config, recipe) == (base, train) else _label(values)
             entry = grouped.setdefault(
-                key, {"config": config, "train": recipe, "label": _label(values), "rows": []}
+                key, {"config": config, "train": recipe, "label": label, "rows": []}
             )
             epoch = int(record.attrs.get("best_epoch", recipe.epochs))
             entry["rows"].append((record.value, epoch, f"{name}#{record.number}"))

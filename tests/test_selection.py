@@ -38,6 +38,17 @@ def test_the_same_configuration_in_two_studies_is_one_candidate_with_all_its_see
     assert sorted(base[0].values) == [0.97, 0.98]
     assert sorted(base[0].trials) == ["padding#0", "strides#0"]
     assert len(ranked) == 3  # base, valid padding, stride 2
+    assert base[0].label == "base"
+
+
+def test_a_reused_trial_does_not_count_its_seed_twice():
+    copy = TrialRecord(5, "COMPLETE", {"strides": 1, "seed": 0}, 0.97, {"reused_from": "p#0"})
+    studies = {
+        "padding": (PADDING, [_trial(0, 0.97, padding="same", seed=0)]),
+        "strides": (STRIDES, [copy]),
+    }
+    (base,) = rank_candidates(studies, BASE, TrainParams())
+    assert base.values == (0.97,)
 
 
 def test_a_lucky_single_seed_ranks_behind_a_configuration_seen_with_several():
@@ -52,7 +63,7 @@ def test_a_lucky_single_seed_ranks_behind_a_configuration_seen_with_several():
         ),
     }
     ranked = rank_candidates(studies, BASE, TrainParams())
-    assert [c.label for c in ranked] == ["padding=same", "padding=valid"]
+    assert [c.label for c in ranked] == ["base", "padding=valid"]
     assert ranked[0].mean == pytest.approx(0.965)
     assert ranked[0].epochs == 10  # median of the kept epochs 10 and 11, rounded half to even
 
