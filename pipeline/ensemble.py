@@ -87,7 +87,15 @@ def refits(config: Config, data: Dataset, count: int) -> Members:
 
     records = {}
     for name, (experiment, metrics) in finished_studies(config, "submit").items():
-        study = Study.open(config.sweep.storage, metrics["study"], config.sweep.heartbeat_seconds)
+        try:
+            study = Study.open(
+                config.sweep.storage, metrics["study"], config.sweep.heartbeat_seconds
+            )
+        except KeyError:
+            raise UserError(
+                f"study {metrics['study']} not in the Optuna storage; run the sweep again "
+                "(`dvc repro`)"
+            ) from None
         records[name] = (experiment, study.records(finished_only=True))
     ranked = rank_candidates(records, config.model, config.train)
     if not ranked:
@@ -103,7 +111,12 @@ def refits(config: Config, data: Dataset, count: int) -> Members:
             len(everything.y_train),
             candidate.epochs,
         )
-        recipe = dataclasses.replace(candidate.train, epochs=candidate.epochs, seed=seed)
+        recipe = dataclasses.replace(
+            candidate.train,
+            epochs=candidate.epochs,
+            min_epochs=min(candidate.train.min_epochs, candidate.epochs),
+            seed=seed,
+        )
         models.append(training.train(candidate.config, recipe, everything).model)
         described.append(candidate.summary() | {"refit_seed": seed})
     return Members(models, described)

@@ -65,6 +65,8 @@ def progress_line(
         if outcome.state == "COMPLETE"
         else f"{outcome.state.lower()}: {outcome.reason[:80]}"
     )
+    if "reused_from" in outcome.attrs:
+        result += f" (reused from {outcome.attrs['reused_from']})"
     best_text = f"{best.value:.4f}" if best is not None else "-"
     return (
         f"{experiment.name} {finished}/{experiment.n_trials} | trial {number} {sampled} | "
