@@ -16,6 +16,6 @@ class UserError(Exception):
     """Bad input or environment the user can fix: the message says what and how."""
 
 
-class Pruned(Exception):  # noqa: N818 (Optuna's word, kept)
+class Pruned(Exception):
     """A trial stopped early on purpose: by the pruner, or refused before training. The
     message says why."""

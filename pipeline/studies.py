@@ -16,8 +16,6 @@ import contextlib
 import copy
 import importlib.util
 import logging
-import os
-import socket
 import threading
 import warnings
 from typing import Any
@@ -27,16 +25,13 @@ from optuna.trial import TrialState
 
 from pipeline.errors import Pruned, UserError, redact
 from pipeline.experiments import Experiment, suggest
+from pipeline.processes import died_here, worker_id
 from pipeline.records import TrialRecord
 
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # -- storages -------------------------------------------------------------------------------
@@ -221,11 +216,10 @@ class Study:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.optuna)
-        host, failed = socket.gethostname(), []
+        failed = []
         for trial in self.optuna.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get("worker", "")
-            owner_host, _, pid = owner.rpartition(":")
-            if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            if not died_here(owner):
                 continue
             trial_id = self.storage.get_trial_id_from_study_id_trial_number(self._id, trial.number)
             try:  # the error first: a finished trial's attributes can no longer be set
@@ -353,15 +347,3 @@ def _requeue(study, trial) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
-
-
-def _alive(pid: int) -> bool:
-    """A worker killed but not yet reaped by its parent (a zombie) is dead too."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True

@@ -19,7 +19,8 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.errors import UserError, redact
-from pipeline.studies import Study, worker_id
+from pipeline.processes import worker_id
+from pipeline.studies import Study
 from pipeline.tracking import Tracker
 from pipeline.trial import Job, Outcome, run_trial
 

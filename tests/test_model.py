@@ -49,27 +49,27 @@ def _expected(shape) -> tuple[int, ...]:
     return shape.output[:1] if shape.name.startswith(("dense", "output")) else shape.output
 
 
+def _grid_config(padding, stride_dilation, kernel, pool, **model) -> ModelConfig:
+    """One conv block from a GRID row."""
+    (strides, dilation), (pooling, pool_size) = stride_dilation, pool
+    block = _block(
+        kernel_size=kernel,
+        padding=padding,
+        strides=strides,
+        dilation_rate=dilation,
+        pooling=pooling,
+        pool_size=pool_size,
+    )
+    return ModelConfig(blocks=(block,), **model)
+
+
 @pytest.mark.parametrize(
     ("size", "padding", "stride_dilation", "kernel", "pool"),
     GRID,
     ids=[f"{s}px-{p}-s{sd[0]}d{sd[1]}-k{k}-{pl[0]}{pl[1]}" for s, p, sd, k, pl in GRID],
 )
 def test_check_shapes_matches_keras(size, padding, stride_dilation, kernel, pool, monkeypatch):
-    strides, dilation = stride_dilation
-    pooling, pool_size = pool
-    config = ModelConfig(
-        blocks=(
-            _block(
-                kernel_size=kernel,
-                padding=padding,
-                strides=strides,
-                dilation_rate=dilation,
-                pooling=pooling,
-                pool_size=pool_size,
-            ),
-        ),
-        dense_units=(3,),
-    )
+    config = _grid_config(padding, stride_dilation, kernel, pool, dense_units=(3,))
     input_shape = (size, size, 1)
     try:
         shapes = check_shapes(config, input_shape, n_classes=4)
@@ -87,19 +87,8 @@ def test_check_shapes_matches_keras(size, padding, stride_dilation, kernel, pool
 def test_grid_covers_both_outcomes():
     """The grid above is only meaningful if some designs collapse and most do not."""
     collapsed = 0
-    for size, padding, (strides, dilation), kernel, (pooling, pool_size) in GRID:
-        config = ModelConfig(
-            blocks=(
-                _block(
-                    kernel_size=kernel,
-                    padding=padding,
-                    strides=strides,
-                    dilation_rate=dilation,
-                    pooling=pooling,
-                    pool_size=pool_size,
-                ),
-            )
-        )
+    for size, padding, stride_dilation, kernel, pool in GRID:
+        config = _grid_config(padding, stride_dilation, kernel, pool)
         try:
             check_shapes(config, (size, size, 1), 4)
         except ShapeError:

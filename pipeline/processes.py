@@ -1,0 +1,31 @@
+"""Who a worker is (`host:pid`) and whether it is known to be dead.
+
+A trial records the worker that claimed it; a RUNNING trial whose worker died on this
+host is failed at once. On another host nothing can be told from here: Optuna's heartbeat
+decides there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def died_here(worker: str) -> bool:
+    """True when `worker` ran on this host and its process is gone. A process killed but
+    not yet reaped by its parent (a zombie) is gone too."""
+    import psutil
+
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # not ours to inspect: alive as far as we know
+        return False
