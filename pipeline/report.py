@@ -1,22 +1,27 @@
 """Stage `report`: which design choices matter, with numbers and plots.
 
-For each single-factor study: per level the trial count, mean, standard deviation and
-best objective, parameters and multiply-accumulates; the effect of each level against
-the base level with a bootstrap confidence interval over the seed repeats, and whether
-it is a real effect (the interval excludes zero and the effect is larger than the
-seed-to-seed noise of the base level). The regularisation study answers whether dropout
-and batch normalisation work well together. For the joint study: Optuna's parameter
-importances and the Pareto front of accuracy against parameter count. Writes
-`reports/ablation.md`, `reports/ablation.json` and `reports/plots/*.png`, and logs them
-to MLflow.
+The report opens with one table: every level of every single-factor study against its
+study's base level, with the effect on the objective, its interval, the probability that
+the level beats the base, the verdict and the cost in parameters and multiply-accumulates.
+The statistics are `pipeline/stats.py`'s: paired by seed, t intervals, and a verdict with
+Holm's adjustment over every comparison in the report; fewer than two trials get none.
+Then one section per study in the pipeline's order, the joint study's importances and
+Pareto front, and the chosen models' validation against held-out accuracy.
+
+Writes `reports/ablation.md` (plots linked beside it), `reports/ablation.html` (plots
+embedded: opens in a browser and in MLflow's artifact viewer), `reports/ablation.json`,
+the flat `metrics/summary.json` for `dvc metrics show`, and logs them to MLflow.
 
 Run: `ablate report` (or `dvc repro report`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +32,16 @@ from pipeline.fsutil import atomic_path, write_json
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.selection import finished_studies
-from pipeline.stats import LevelStats, at_best_rates, level_effects, pareto_front
+from pipeline.stats import (
+    REAL,
+    TOO_FEW,
+    LevelStats,
+    at_best_rates,
+    compare,
+    judge,
+    level_effects,
+    pareto_front,
+)
 from pipeline.studies import Study
 
 if TYPE_CHECKING:
@@ -36,25 +50,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def regularization_answer(stats: list[LevelStats]) -> str:
-    """The course's claim: dropout and batch normalisation may not work well together."""
+@dataclass
+class FactorStudy:
+    """One single-factor study's trials and statistics."""
+
+    name: str
+    experiment: Experiment
+    factor: str
+    base_level: str
+    records: list[TrialRecord]
+    rates: dict[str, float]  # the learning rate each level is compared at, if searched
+    stats: list[LevelStats]
+
+
+def factor_study(name: str, experiment: Experiment, records: list[TrialRecord], confidence):
+    factor = next(iter(experiment.factors))
+    base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
+    rates: dict[str, float] = {}
+    if experiment.learning_rates:
+        records, rates = at_best_rates(records, factor)
+    stats = level_effects(records, factor, base_level, confidence, judged=False)
+    return FactorStudy(name, experiment, factor, str(base_level), records, rates, stats)
+
+
+def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n_tests: int = 1):
+    """The course's claim: dropout and batch normalisation may not work well together.
+    `both` is compared with the better of the two alone, paired by seed, and judged with
+    a Bonferroni share of the report's error rate (`n_tests` comparisons plus this one)."""
     by = {s.level: s for s in stats}
     needed = ("dropout", "batchnorm", "both")
-    if any(by.get(k) is None or by[k].mean is None for k in needed):
-        return "Not enough completed trials to compare dropout, batchnorm and both."
+    if any(by.get(k) is None or by[k].n < 2 for k in needed):
+        return "Too few complete trials to compare dropout, batchnorm and both (two each needed)."
     alone = max((by["dropout"], by["batchnorm"]), key=lambda s: s.mean)
-    diff = by["both"].mean - alone.mean
-    noise = max(s.std or 0.0 for s in stats)
-    if abs(diff) <= noise:
-        verdict = "no worse and no better than"
-    elif diff < 0:
-        verdict = "worse than"
-    else:
-        verdict = "better than"
+
+    def seeds(level):
+        return {
+            t.params.get("seed", t.number): t.value
+            for t in records
+            if t.state == "COMPLETE" and str(t.params.get("regularization")) == level
+        }
+
+    found = compare(seeds("both"), seeds(alone.level))
+    p = min(1.0, found.p_value * (n_tests + 1))
+    verdict = (
+        "no different from" if p >= 0.05 else ("worse than" if found.effect < 0 else "better than")
+    )
     return (
-        f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average, "
-        f"{verdict} the better of the two alone ({alone.level}: {alone.mean:.4f}; difference "
-        f"{diff:+.4f}, seed-to-seed noise up to {noise:.4f}). "
+        f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average "
+        f"over {by['both'].n} trials, {verdict} the better of the two alone ({alone.level}: "
+        f"{alone.mean:.4f} over {alone.n}): difference {found.effect:+.4f}, 95% interval "
+        f"[{found.ci_low:+.4f}, {found.ci_high:+.4f}] ({found.method}; p = {p:.3f} after "
+        f"Bonferroni over {n_tests + 1} comparisons). "
         + (
             "Here the course's warning holds."
             if verdict == "worse than"
@@ -74,97 +120,129 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def factor_table(stats: list[LevelStats], base_level: Any, confidence: float) -> list[str]:
-    pct = int(confidence * 100)
+def _verdict(s: LevelStats) -> str:
+    return {REAL: "**real effect**", TOO_FEW: "too few trials"}.get(s.verdict, s.verdict or "-")
+
+
+def _interval(s: LevelStats) -> str:
+    return f"[{s.ci_low:+.4f}, {s.ci_high:+.4f}]" if s.ci_low is not None else "-"
+
+
+def summary_table(studies: list[FactorStudy], confidence: float) -> list[str]:
+    """One row per level compared with its base, across every single-factor study."""
+    pct = round(confidence * 100)
     lines = [
-        f"| level | trials | pruned | failed | mean | std | best | params | MACs | "
-        f"effect vs {base_level} | {pct}% CI | real effect? |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| study | level vs base | effect | {pct}% interval | P(beats base) | verdict | "
+        "params | MACs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for s in stats:
-        ci = f"[{s.ci_low:+.4f}, {s.ci_high:+.4f}]" if s.ci_low is not None else "-"
-        effect = f"{s.effect:+.4f}" if s.effect is not None else "(base)"
-        real = {True: "**yes**", False: "no, within noise", None: "-"}[s.real_effect]
-        lines.append(
-            f"| {s.level} | {s.n} | {s.n_pruned} | {s.n_failed} | {_fmt(s.mean)} | "
-            f"{_fmt(s.std)} | {_fmt(s.best)} | {_fmt(s.n_params)} | {_fmt(s.macs)} | "
-            f"{effect} | {ci} | {real} |"
-        )
+    for study in studies:
+        for s in study.stats:
+            if s.level == study.base_level:
+                continue
+            effect = f"{s.effect:+.4f}" if s.effect is not None else "-"
+            lines.append(
+                f"| {study.name} | {s.level} vs {study.base_level} | {effect} | {_interval(s)} | "
+                f"{_fmt(s.p_better, 2)} | {_verdict(s)} | {_fmt(s.n_params)} | {_fmt(s.macs)} |"
+            )
     return lines
 
 
-def report_factor(
-    name: str,
-    factor: str,
-    base_level: Any,
-    records: list[TrialRecord],
-    paths: Paths,
-    settings,
-    rates: tuple[float, ...] = (),
-) -> tuple[list[str], dict[str, Any]]:
-    """One single-factor study's section, and its plots; with `rates`, each level at its
-    own best learning rate."""
-    chosen_rates: dict[str, float] = {}
-    if rates:
-        records, chosen_rates = at_best_rates(records, factor)
-    stats = level_effects(
-        records, factor, base_level, settings.bootstrap, settings.confidence, settings.seed
+def method_note(studies: list[FactorStudy], confidence: float, min_effect: float) -> str:
+    n_tests = sum(s.method is not None for study in studies for s in study.stats)
+    seeds = sorted({s.n for study in studies for s in study.stats if s.n})
+    return (
+        "Effects are differences in the mean objective against the study's base level. A "
+        "seed fixes the validation split, the data order and the initial weights for every "
+        "level, so levels are compared seed by seed (a paired t interval; Welch's where "
+        f"seeds do not pair). Intervals are {round(confidence * 100)}% t intervals. A level "
+        f"is a real effect when its Holm-adjusted p-value over all {n_tests} comparisons "
+        f"here is below {1 - confidence:.2f} and its effect is at least {min_effect:g}; with "
+        "fewer than two trials it gets no verdict. "
+        f"P(beats base) is the share of seeds where the level scored higher. Trials per "
+        f"level: {', '.join(map(str, seeds)) or 'none'}; with three, only effects several "
+        "times the seed-to-seed spread can be called real."
     )
-    groups = {
-        s.level: [
-            t.value
-            for t in records
-            if str(t.params.get(factor)) == s.level and t.state == "COMPLETE"
-        ]
-        for s in stats
-    }
-    lines = [f"## {name}: {factor}", ""]
-    if chosen_rates:
-        shown = ", ".join(f"{level} at {rate:g}" for level, rate in sorted(chosen_rates.items()))
+
+
+def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: int):
+    """One single-factor study's section and its plots."""
+    name, factor, stats = study.name, study.factor, study.stats
+    lines = [f"## {name}: {study.experiment.description or factor}", ""]
+    if study.rates:
+        shown = ", ".join(f"{level} at {rate:g}" for level, rate in sorted(study.rates.items()))
+        searched = ", ".join(f"{r:g}" for r in study.experiment.learning_rates)
         lines += [
-            f"Each level ran at the learning rates {', '.join(f'{r:g}' for r in rates)} and is "
-            f"compared at its best one by mean over seeds: {shown}.",
+            f"Each level ran at the learning rates {searched} and is compared at its best "
+            f"one by mean over seeds: {shown}.",
             "",
         ]
-    lines += factor_table(stats, base_level, settings.confidence)
+    pct = round(confidence * 100)
+    lines += [
+        "| level | trials | pruned | failed | mean | std | best | params | MACs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stats:
+        label = f"{s.level} (base)" if s.level == study.base_level else s.level
+        lines.append(
+            f"| {label} | {s.n} | {s.n_pruned} | {s.n_failed} | {_fmt(s.mean)} | "
+            f"{_fmt(s.std)} | {_fmt(s.best)} | {_fmt(s.n_params)} | {_fmt(s.macs)} |"
+        )
+    lines += [
+        "",
+        f"| level | effect vs {study.base_level} | {pct}% interval | P(beats base) | "
+        "p (Holm) | method | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in stats:
+        if s.level != study.base_level:
+            lines.append(
+                f"| {s.level} | {_fmt(s.effect)} | {_interval(s)} | {_fmt(s.p_better, 2)} | "
+                f"{_fmt(s.p_adjusted, 3)} | {s.method or '-'} | {_verdict(s)} |"
+            )
     lines.append("")
     for s in stats:
         if s.n == 0 and s.n_pruned:
-            reason = next((t for t in records if str(t.params.get(factor)) == s.level), None)
-            lines.append(f"- `{s.level}`: every trial was pruned (trial {reason.number}).")
+            first = next(t for t in study.records if str(t.params.get(factor)) == s.level)
+            lines.append(f"- `{s.level}`: every trial was pruned (trial {first.number}).")
+    done = [t for t in study.records if t.state == "COMPLETE"]
+    groups = {
+        s.level: [t.value for t in done if str(t.params.get(factor)) == s.level] for s in stats
+    }
     if any(groups.values()):
-        plots.strip_plot(
+        plot = plots.strip_plot(
             {k: v for k, v in groups.items() if v},
             paths.report_plot(name, "levels"),
-            f"{name}: val_accuracy per level",
+            f"{name}: {study.experiment.objective} per level",
         )
-        lines.append(f"![{name} levels]({_link(paths, paths.report_plot(name, 'levels'))})")
+        lines.append(f"![{name} levels]({_link(paths, plot)})")
     best_histories = {}
     for s in stats:
-        done = [
-            t
-            for t in records
-            if str(t.params.get(factor)) == s.level and t.state == "COMPLETE" and t.history
-        ]
-        if done:
-            best_histories[s.level] = max(done, key=lambda t: t.value).history
+        tried = [t for t in done if str(t.params.get(factor)) == s.level and t.history]
+        if tried:
+            best_histories[s.level] = max(tried, key=lambda t: t.value).history
     if best_histories:
-        plots.curves_by_level(
+        plot = plots.curves_by_level(
             best_histories,
             paths.report_plot(name, "curves"),
             f"{name}: learning curves of each level's best trial",
         )
-        curves = _link(paths, paths.report_plot(name, "curves"))
-        lines.append(f"![{name} learning curves]({curves})")
+        lines.append(f"![{name} learning curves]({_link(paths, plot)})")
     lines.append("")
     summary = {
-        "learning_rates": chosen_rates,
+        "learning_rates": study.rates,
         "factor": factor,
-        "base_level": str(base_level),
-        "levels": {s.level: {k: v for k, v in vars(s).items() if k != "level"} for s in stats},
+        "base_level": study.base_level,
+        "levels": {
+            s.level: {
+                **{k: v for k, v in vars(s).items() if k != "level"},
+                "real_effect": s.real_effect,
+            }
+            for s in stats
+        },
     }
     if factor == "regularization":
-        answer = regularization_answer(stats)
+        answer = regularization_answer(stats, study.records, n_tests)
         lines += ["**Dropout together with batch normalisation?** " + answer, ""]
         summary["answer"] = answer
     return lines, summary
@@ -233,10 +311,10 @@ def build_report(
     heartbeat_seconds: int = 10,
 ) -> tuple[str, dict[str, Any]]:
     """Markdown and JSON for every study in `studies` (name -> (experiment, sweep
-    metrics)); the plots go where `paths` says, linked relative to the Markdown file."""
+    metrics)), in their order; the plots go where `paths` says, linked relative to the
+    Markdown file. Every single-factor study is judged together (Holm)."""
     paths.report_plots.mkdir(parents=True, exist_ok=True)
-    lines = ["# Which Conv2D design choices matter", ""]
-    results: dict[str, Any] = {}
+    factor_studies, joint = {}, {}
     for name, (experiment, metrics) in studies.items():
         try:
             study = Study.open(storage_url, metrics["study"], heartbeat_seconds)
@@ -247,17 +325,85 @@ def build_report(
             ) from None
         records = study.records(finished_only=True)
         if experiment.is_grid and len(experiment.factors) == 1:
-            factor = next(iter(experiment.factors))
-            base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
+            factor_studies[name] = factor_study(name, experiment, records, settings.confidence)
+        else:
+            joint[name] = (records, study)
+    judged = judge(
+        [f.stats for f in factor_studies.values()], settings.confidence, settings.min_effect
+    )
+    for study, stats in zip(factor_studies.values(), judged, strict=True):
+        study.stats = stats
+    ordered = list(factor_studies.values())
+    n_tests = sum(s.method is not None for f in ordered for s in f.stats)
+    lines = ["# Which Conv2D design choices matter", ""]
+    if ordered:
+        lines += [
+            *summary_table(ordered, settings.confidence),
+            "",
+            method_note(ordered, settings.confidence, settings.min_effect),
+            "",
+        ]
+    results: dict[str, Any] = {}
+    for name, (_, metrics) in studies.items():
+        if name in factor_studies:
             section, summary = report_factor(
-                name, factor, base_level, records, paths, settings, experiment.learning_rates
+                factor_studies[name], paths, settings.confidence, n_tests
             )
         else:
-            section, summary = report_joint(name, records, study, paths)
+            section, summary = report_joint(name, *joint[name], paths)
         summary["best_value"] = metrics.get("best_value")
         lines += section
         results[name] = summary
     return "\n".join(lines) + "\n", results
+
+
+def flat_summary(results: dict[str, Any]) -> dict[str, float]:
+    """Numbers only, one level deep: each study's best value, each level's effect against
+    its base and whether it is real (1) or not (0), the submission's held-out accuracy."""
+    flat: dict[str, float] = {}
+    for name, summary in results.items():
+        if summary.get("best_value") is not None:
+            flat[f"{name}.best"] = round(summary["best_value"], 5)
+        for level, row in summary.get("levels", {}).items():
+            if row.get("effect") is not None:
+                flat[f"{name}.{level}.effect"] = round(row["effect"], 5)
+            if row.get("real_effect") is not None:
+                flat[f"{name}.{level}.real"] = int(row["real_effect"])
+    for name, row in results.get("heldout", {}).items():
+        if name.startswith("submission"):
+            flat["submission.holdout_accuracy"] = round(row["holdout_accuracy"], 5)
+    return flat
+
+
+def to_html(markdown: str, folder: Path, title: str = "Conv2D ablation report") -> str:
+    """`markdown` as one HTML page whose images (relative to `folder`) are embedded, so
+    that it renders anywhere, MLflow's sandboxed artifact viewer included."""
+    from markdown_it import MarkdownIt
+
+    def embed(match: re.Match) -> str:
+        image = folder / match.group(2)
+        if not image.is_file():
+            return match.group(0)
+        data = base64.b64encode(image.read_bytes()).decode()
+        return f"![{match.group(1)}](data:image/png;base64,{data})"
+
+    body = (
+        MarkdownIt("commonmark")
+        .enable("table")
+        .render(re.sub(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)", embed, markdown))
+    )
+    return (
+        "<!doctype html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n"
+    )
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+    "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
+    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
+    "img{max-width:100%;display:block;margin:1em 0}"
+)
 
 
 def heldout_section(config: Config, studies: dict) -> tuple[list[str], dict[str, Any]]:
@@ -318,20 +464,34 @@ def main(config: Config) -> None:
     markdown += "\n".join(heldout)
     with atomic_path(paths.report_markdown) as tmp:
         tmp.write_text(markdown)
+    with atomic_path(paths.report_html) as tmp:
+        tmp.write_text(to_html(markdown, paths.report_markdown.parent))
     write_json(paths.report_json, results)
-    _log_to_mlflow(config, studies)
-    log.info("report: wrote %s (%d studies)", paths.report_markdown, len(studies))
+    write_json(paths.report_summary, flat_summary(results))
+    _log_to_mlflow(config, studies, markdown)
+    log.info(
+        "report: wrote %s and %s (%d studies)",
+        paths.report_markdown,
+        paths.report_html,
+        len(studies),
+    )
 
 
-def _log_to_mlflow(config: Config, studies: dict) -> None:
+def _log_to_mlflow(config: Config, studies: dict, markdown: str) -> None:
+    """The report as a run: the summary table as its description, every file as an
+    artifact (the HTML renders in the artifact viewer)."""
     from pipeline.tracking import Tracker
 
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
+    summary = markdown.split("\n## ", 1)[0]
     run_id = tracker.start_run(
         "report",
         tags={
-            f"study.{name}": metrics.get("parent_run_id", "")
-            for name, (_, metrics) in studies.items()
+            "mlflow.note.content": summary,
+            **{
+                f"study.{name}": metrics.get("parent_run_id", "")
+                for name, (_, metrics) in studies.items()
+            },
         },
     )
     tracker.log_artifacts(run_id, Path(config.paths.reports))

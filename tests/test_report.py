@@ -13,10 +13,10 @@ import pytest
 from pipeline.experiments import parse_experiment
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
-from pipeline.report import build_report, regularization_answer
+from pipeline.report import build_report, flat_summary, regularization_answer, to_html
 from pipeline.stats import at_best_rates, level_effects, pareto_front
 
-SETTINGS = types.SimpleNamespace(bootstrap=2000, confidence=0.95, seed=0)
+SETTINGS = types.SimpleNamespace(confidence=0.95, min_effect=0.001)
 HISTORY = {
     "loss": [1.0, 0.5],
     "accuracy": [0.6, 0.9],
@@ -55,7 +55,7 @@ def test_a_harmful_level_is_a_real_effect_and_a_copy_of_the_base_is_noise(seed):
     stats = {
         s.level: s
         for s in level_effects(
-            planted_trials(np.random.default_rng(seed)), "padding", "same", seed=seed
+            planted_trials(np.random.default_rng(seed)), "padding", "same", min_effect=0.001
         )
     }
     assert stats["same"].effect is None  # the base level is the reference
@@ -100,10 +100,21 @@ def test_regularization_answer_says_when_both_together_is_worse():
     for i, (level, mean) in enumerate(
         [("none", 0.95), ("dropout", 0.96), ("batchnorm", 0.97), ("both", 0.80)] * 3
     ):
-        trials.append(TrialRecord(i, "COMPLETE", {"regularization": level}, mean + 0.001 * (i % 3)))
-    answer = regularization_answer(level_effects(trials, "regularization", "none"))
-    assert "worse than the better of the two alone (batchnorm" in answer
+        params = {"regularization": level, "seed": i // 4}
+        trials.append(TrialRecord(i, "COMPLETE", params, mean + 0.001 * (i % 3) + 0.002 * (i // 4)))
+    answer = regularization_answer(level_effects(trials, "regularization", "none"), trials, 3)
+    assert "worse than the better of the two alone (batchnorm: 0.9" in answer
+    assert "over 3 trials" in answer and "paired t (3 seeds)" in answer
     assert "warning holds" in answer
+
+
+def test_regularization_answer_needs_two_trials_of_each():
+    trials = [
+        TrialRecord(i, "COMPLETE", {"regularization": level, "seed": 0}, 0.9)
+        for i, level in enumerate(["none", "dropout", "batchnorm", "both"])
+    ]
+    answer = regularization_answer(level_effects(trials, "regularization", "none"), trials)
+    assert answer.startswith("Too few complete trials")
 
 
 def _stored_study(storage: str, name: str, trials: list[TrialRecord], factor: str) -> None:
@@ -141,13 +152,23 @@ def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path
         SETTINGS,
     )
     assert "| blank | 3 | 0 | 0 |" in markdown
-    assert "**yes**" in markdown and "no, within noise" in markdown
+    assert "| padding | blank vs same |" in markdown.split("## padding")[0]  # the summary
+    assert "**real effect**" in markdown and "within noise" in markdown
+    assert "Holm-adjusted p-value over all 2 comparisons" in markdown
     assert (plots / "padding_levels.png").stat().st_size > 1000
     assert (plots / "padding_curves.png").stat().st_size > 1000
     assert "](plots/padding_levels.png)" in markdown
     levels = json.loads(json.dumps(results))["padding"]["levels"]
     assert levels["blank"]["real_effect"] is True
     assert levels["copy"]["real_effect"] is False
+
+    html = to_html(markdown, tmp_path)
+    assert html.count('<img src="data:image/png;base64,') == 2  # both plots, embedded
+    assert "<table>" in html and "plots/padding_levels.png" not in html
+    flat = flat_summary(results)
+    assert flat["padding.blank.real"] == 1 and flat["padding.copy.real"] == 0
+    assert flat["padding.best"] == 0.98
+    assert all(isinstance(v, int | float) for v in flat.values())
 
 
 def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
