@@ -61,7 +61,12 @@ class Paths:
         return self.sweep_models / experiment / "best.keras"
 
     def sweep_metrics(self, experiment: str) -> Path:
+        """The study's record: its name, best trial and parameters, run ids, model URI."""
         return self.sweep_metrics_dir / f"{experiment}.json"
+
+    def sweep_scores(self, experiment: str) -> Path:
+        """The study's numbers alone: what `dvc metrics show` and `dvc exp show` list."""
+        return self.sweep_metrics_dir / f"{experiment}.scores.json"
 
     @property
     def report_markdown(self) -> Path:
@@ -70,6 +75,16 @@ class Paths:
     @property
     def report_json(self) -> Path:
         return Path(self.reports) / "ablation.json"
+
+    @property
+    def report_html(self) -> Path:
+        """The report with its plots embedded: one file for a browser or MLflow."""
+        return Path(self.reports) / "ablation.html"
+
+    @property
+    def report_summary(self) -> Path:
+        """Each level's effect against its base, flat, for `dvc metrics show`."""
+        return Path(self.metrics) / "summary.json"
 
     @property
     def report_plots(self) -> Path:
@@ -85,7 +100,13 @@ class Paths:
 
     @property
     def submission_json(self) -> Path:
+        """The submission's record: its strategy, members, data hash and run id."""
         return Path(self.submissions) / "submission.json"
+
+    @property
+    def submission_scores(self) -> Path:
+        """The submission's numbers alone: what `dvc metrics show` and `dvc exp show` list."""
+        return Path(self.submissions) / "submission.scores.json"
 
 
 @dataclass(frozen=True)
@@ -192,9 +213,16 @@ class SweepParams:
 
 @dataclass(frozen=True)
 class ReportParams:
-    bootstrap: int = 2000
+    # intervals at this confidence; a real effect has a Holm-adjusted p under 1 - it
     confidence: float = 0.95
-    seed: int = 0
+    # a smaller effect on the objective is never called real, however consistent
+    min_effect: float = 0.001
+
+    def __post_init__(self) -> None:
+        if not 0.5 <= self.confidence < 1:
+            raise ValueError("confidence must be at least 0.5 and below 1, e.g. 0.95")
+        if self.min_effect < 0:
+            raise ValueError("min_effect must be >= 0, e.g. 0.001 (a tenth of a point)")
 
 
 @dataclass(frozen=True)
