@@ -90,3 +90,29 @@ def labelled_for_refit(data: Dataset) -> Dataset:
         data.x_holdout,
         data.y_holdout,
     )
+
+
+def split_for_seed(data: Dataset, seed: int) -> Dataset:
+    """The same labelled images, with the train/validation split redrawn for `seed`:
+    stratified, the validation set the same size. Every caller with the same seed gets
+    the same split; the held-out and test images are untouched."""
+    from sklearn.model_selection import train_test_split
+
+    if len(data.y_val) == 0:
+        return data
+    x = np.concatenate([data.x_train, data.x_val])
+    y = np.concatenate([data.y_train, data.y_val])
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, y, test_size=len(data.y_val), random_state=seed, stratify=y
+    )
+    return Dataset(
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        data.x_test,
+        data.test_ids,
+        data.meta,
+        data.x_holdout,
+        data.y_holdout,
+    )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.dataset import Dataset
+from pipeline.dataset import Dataset, split_for_seed
 from pipeline.model import (
     LayerShape,
     ModelConfig,
@@ -111,6 +111,12 @@ def make_datasets(data: Dataset, batch_size: int, seed: int, augment=None):
     return train_ds, val_ds
 
 
+def training_data(data: Dataset, params: TrainParams) -> Dataset:
+    """`data` as `train` splits it for `params`: redrawn for the seed when `params.split`
+    is per_seed, as prepared otherwise."""
+    return split_for_seed(data, params.seed) if params.split == "per_seed" else data
+
+
 def learning_rate(rate: float, params: TrainParams, steps_per_epoch: int):
     """Adam's rate over training: constant, or cosine decay to 1% of it over all epochs
     (`plateau` halves it in a callback instead, see `_schedule_callbacks`)."""
@@ -157,7 +163,8 @@ def train(
 ) -> TrainResult:
     """Train `config` on `data` with the recipe `params`; the returned model holds the
     best epoch by `val_loss` (the last one when `data` has no validation images, as for
-    a refit on all labelled data).
+    a refit on all labelled data). With `params.split` per_seed, the seed redraws the
+    train/validation split first.
 
     `layers` is `check_shapes`'s answer when the caller already has it."""
     import keras
@@ -165,6 +172,7 @@ def train(
 
     if layers is None:
         layers = check_shapes(config, data.meta.image_shape, data.meta.n_classes)
+    data = training_data(data, params)
     keras.backend.clear_session()
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
@@ -263,7 +271,7 @@ def train_tracked(
         layers = check_shapes(config, data.meta.image_shape, data.meta.n_classes)
         result = train(config, params, data, [tracker.epoch_logger(run_id)], layers)
         with tempfile.TemporaryDirectory() as tmp:
-            write_diagnostics(result.model, result.history, data, Path(tmp))
+            write_diagnostics(result.model, result.history, training_data(data, params), Path(tmp))
             result.model.save(Path(tmp) / "best.keras")
             tracker.log_artifacts(run_id, Path(tmp))
             # Copy, not rename: the temp folder may be on another filesystem (tmpfs).

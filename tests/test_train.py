@@ -246,3 +246,24 @@ def test_a_model_trains_again_after_train_returns(digits):
         verbose=0,
     )
     assert _val_loss(result.model, digits) < before
+
+
+def test_each_seed_draws_its_own_split_and_every_caller_the_same_one(digits):
+    from pipeline.dataset import split_for_seed
+    from pipeline.train import training_data
+
+    first, again, other = (split_for_seed(digits, s) for s in (1, 1, 2))
+    assert np.array_equal(first.y_val, again.y_val) and np.array_equal(first.x_val, again.x_val)
+    assert not np.array_equal(first.x_val, other.x_val)
+    assert len(first.y_val) == len(digits.y_val) and len(first.y_train) == len(digits.y_train)
+    # stratified: class counts match the prepared split's within one image
+    assert np.abs(np.bincount(first.y_val) - np.bincount(digits.y_val)).max() <= 1
+    # the same images, redistributed; held-out and test untouched
+    pooled = np.sort(np.concatenate([digits.x_train, digits.x_val]).reshape(-1))
+    redrawn = np.sort(np.concatenate([first.x_train, first.x_val]).reshape(-1))
+    assert np.array_equal(pooled, redrawn)
+    assert first.x_test is digits.x_test and first.x_holdout is digits.x_holdout
+    fixed = TrainParams(seed=1, split="fixed")
+    assert training_data(digits, fixed) is digits
+    per_seed = training_data(digits, TrainParams(seed=1, split="per_seed"))
+    assert np.array_equal(per_seed.x_val, first.x_val)
