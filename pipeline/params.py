@@ -140,6 +140,7 @@ class PrepareParams:
             raise ValueError("must be a positive integer or null (infer from pixel count)")
 
 
+Split = Literal["fixed", "per_seed"]
 Schedule = Literal["constant", "cosine", "plateau"]
 
 
@@ -160,6 +161,10 @@ class TrainParams:
     rotation: float = 10.0  # degrees, either way
     shift: float = 0.1  # fraction of the image side, either way
     zoom: float = 0.1  # fraction, in or out
+    # fixed: the prepared train/validation split for every seed; per_seed: each seed
+    # redraws it (stratified, same size) from the same images, so repeats vary the data
+    # as well as the weights, and every level sees the same split for the same seed
+    split: Split = "fixed"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
