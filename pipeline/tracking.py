@@ -11,6 +11,7 @@ call per epoch; full `mlflow.keras.log_model` is reserved for best models.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import subprocess
@@ -29,6 +30,7 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
 
+@functools.cache
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -152,10 +154,10 @@ class Tracker:
 
         now = int(time.time() * 1000)
         rows = [
-            Metric(k, float(v), now, step)
+            Metric(EPOCH_SERIES[k], float(v), now, step)
             for k, values in history.items()
             for step, v in enumerate(values)
-            if k in _EPOCH_KEYS
+            if k in EPOCH_SERIES
         ]
         for start in range(0, len(rows), 1000):
             self.client.log_batch(run_id, metrics=rows[start : start + 1000])
@@ -168,7 +170,7 @@ class Tracker:
 
         class EpochLogger(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
-                logs = {k: v for k, v in (logs or {}).items() if k in _EPOCH_KEYS}
+                logs = {EPOCH_SERIES[k]: v for k, v in (logs or {}).items() if k in EPOCH_SERIES}
                 tracker.client.log_batch(run_id, metrics=_flush(logs, epoch))
 
         return EpochLogger()
@@ -214,7 +216,9 @@ class Tracker:
         return info.model_uri
 
 
-_EPOCH_KEYS = {"loss", "accuracy", "val_loss", "val_accuracy"}
+# Keras's per-epoch names -> the series' names on a run. A run's `val_accuracy` is the
+# score of the weights it keeps (a trial's objective); the series must not look like it.
+EPOCH_SERIES = {k: f"epoch_{k}" for k in ("loss", "accuracy", "val_loss", "val_accuracy")}
 
 
 @contextlib.contextmanager

@@ -277,7 +277,7 @@ def train_tracked(
             # Copy, not rename: the temp folder may be on another filesystem (tmpfs).
             with atomic_path(checkpoint) as out:
                 shutil.copyfile(Path(tmp, "best.keras"), out)
-        tracker.log_metrics(run_id, {f"best_{k}": v for k, v in result.metrics.items()})
+        tracker.log_metrics(run_id, result.metrics)
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

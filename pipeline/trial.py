@@ -33,7 +33,7 @@ from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
 from pipeline.params import TrainParams
 from pipeline.records import REJECTED, TrialRecord
 from pipeline.studies import Study, Trial
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, provenance
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,41 @@ def reused(job: Job, found: TrialRecord) -> Outcome:
     return Outcome("COMPLETE", metrics[job.experiment.objective], attrs=attrs, metrics=metrics)
 
 
+def run_name(experiment: Experiment, number: int, values: dict[str, Any]) -> str:
+    """A grid trial's run is named by what it varies (`padding=valid seed=1`); a sampled
+    trial's by its study and number (`joint #7`): its values are its params."""
+    if not experiment.is_grid:
+        return f"{experiment.name} #{number}"
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def run_tags(job: Job, trial: Trial, values: dict[str, Any]) -> dict[str, Any]:
+    """What a trial's run is filtered and grouped by in the MLflow UI: its study (plain and
+    hashed), the factor and level of a single-factor study, the seed, the data and code."""
+    experiment, meta = job.experiment, job.data.meta
+    tags = {
+        "study": experiment.name,
+        "study_name": trial.study.name,
+        "trial_number": trial.number,
+        "state": "RUNNING",
+        **provenance(meta.competition, meta.data_hash),
+    }
+    if "seed" in values:
+        tags["seed"] = values["seed"]
+    if len(experiment.factors) == 1:
+        factor = next(iter(experiment.factors))
+        tags |= {"factor": factor, "level": values.get(factor)}
+    return tags
+
+
 def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outcome:
     """Run one claimed trial, recorded as a child run of `parent_id` and told to the study."""
     values = trial.suggest(job.experiment)
     config, params, refused = configure(job, values)
     run_id = tracker.start_run(
-        f"trial-{trial.number}",
+        run_name(job.experiment, trial.number, values),
         parent_id=parent_id,
-        tags={"trial_number": trial.number, "study": trial.study.name, "state": "RUNNING"},
+        tags=run_tags(job, trial, values),
         params={
             **{f"trial.{k}": v for k, v in values.items()},
             **({} if refused else flatten_config(config)),
@@ -189,7 +216,8 @@ def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outco
 def _record(outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str) -> None:
     tags = {"state": outcome.state}
     if outcome.state == "COMPLETE":
-        tracker.log_metrics(run_id, {f"best_{k}": v for k, v in outcome.metrics.items()})
+        # the kept weights' scores: `val_accuracy` here is the study's objective
+        tracker.log_metrics(run_id, outcome.metrics)
         if outcome.model is not None:  # trained here: its checkpoint, for finalize and reuse
             with tempfile.TemporaryDirectory() as tmp:
                 outcome.model.save(Path(tmp) / "best.keras")

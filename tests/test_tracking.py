@@ -154,14 +154,16 @@ def test_run_has_one_metric_point_per_epoch(sqlite_run):
     run_id = sqlite_run["run"].info.run_id
     history = sqlite_run["result"].history
     for key in EPOCH_METRICS:
-        points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        points = sorted(client.get_metric_history(run_id, f"epoch_{key}"), key=lambda m: m.step)
         assert [m.step for m in points] == [0, 1], key
         assert [m.value for m in points] == pytest.approx(history[key], rel=1e-6), key
-    best = sqlite_run["run"].data.metrics
+    logged = sqlite_run["run"].data.metrics
     metrics = sqlite_run["result"].metrics
-    assert best["best_val_loss"] == pytest.approx(metrics["val_loss"])
-    assert best["best_n_params"] == metrics["n_params"]
-    assert best["best_epochs_run"] == 2
+    # the run's val_accuracy and val_loss are the kept weights', not the last epoch's
+    assert logged["val_accuracy"] == pytest.approx(metrics["val_accuracy"])
+    assert logged["val_loss"] == pytest.approx(metrics["val_loss"])
+    assert logged["n_params"] == metrics["n_params"]
+    assert logged["epochs_run"] == 2
 
 
 def test_run_tags_and_status(sqlite_run, digits):
@@ -293,7 +295,7 @@ def test_server_run_through_the_rest_api(server_run, digits):
     assert tags["data_hash"] == digits.meta.data_hash
     assert tags["git_commit"]
 
-    history = _rest(url, "metrics/get-history", run_id=run_id, metric_key="val_loss")
+    history = _rest(url, "metrics/get-history", run_id=run_id, metric_key="epoch_val_loss")
     points = sorted(history["metrics"], key=lambda m: m["step"])
     assert [m["step"] for m in points] == [0, 1]
     assert [m["value"] for m in points] == pytest.approx(
