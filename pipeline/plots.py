@@ -36,10 +36,15 @@ def learning_curves(history: dict[str, list[float]], path: Path, title: str = ""
 
 
 def confusion_matrix(matrix: np.ndarray, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 5.4))
     ax.imshow(matrix, cmap="Blues")
+    n = len(matrix)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    dark = matrix.max() / 2  # white counts on dark cells, black on light ones
     for (i, j), count in np.ndenumerate(matrix):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=7)
+        color = "white" if count > dark else "black"
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=9, color=color)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("validation confusion matrix")

@@ -165,6 +165,40 @@ def method_note(studies: list[FactorStudy], confidence: float, min_effect: float
     )
 
 
+def study_answer(
+    name: str, experiment: Experiment, records: list[TrialRecord], confidence: float = 0.95
+) -> tuple[str, dict[str, float]]:
+    """A single-factor study's answer on its own, for its MLflow parent run: a Markdown
+    table (the run's description) and per-level metrics. Verdicts here count this study's
+    comparisons only; the report judges all studies together."""
+    study = factor_study(name, experiment, records, confidence)
+    study.stats = judge([study.stats], confidence)[0]
+    pct = round(confidence * 100)
+    lines = [
+        f"**{name}**: {experiment.description or study.factor}. Objective: "
+        f"{experiment.objective} of the kept weights; effects against {study.base_level}, "
+        f"paired by seed, {pct}% t intervals, verdicts with Holm over this study's "
+        "comparisons (the report judges every study together).",
+        "",
+        f"| level | trials | mean | std | effect | {pct}% interval | P(beats base) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    metrics: dict[str, float] = {}
+    for s in study.stats:
+        base = s.level == study.base_level
+        lines.append(
+            f"| {s.level}{' (base)' if base else ''} | {s.n} | {_fmt(s.mean)} | {_fmt(s.std)} | "
+            f"{_fmt(s.effect)} | {_interval(s)} | {_fmt(s.p_better, 2)} | "
+            f"{'-' if base else _verdict(s)} |"
+        )
+        for key in ("mean", "std", "effect", "ci_low", "ci_high", "p_better"):
+            value = getattr(s, key)
+            if value is not None:
+                metrics[f"{s.level}.{key}"] = value
+        metrics[f"{s.level}.n"] = s.n
+    return "\n".join(lines) + "\n", metrics
+
+
 def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: int):
     """One single-factor study's section and its plots."""
     name, factor, stats = study.name, study.factor, study.stats
