@@ -87,6 +87,14 @@ def _lock_on_begin(engine) -> None:
     event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
+def _name_objective(study, objective: str) -> None:
+    """Name the study's value `objective`, once (a study reopened keeps its name)."""
+    if study.metric_names != [objective]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([objective])
+
+
 def _sampler(experiment: Experiment):
     spec = dict(experiment.sampler)
     name, seed = spec.pop("name"), spec.pop("seed", 0)
@@ -132,7 +140,9 @@ class Study:
         experiment: Experiment | None = None,
         create: bool = False,
     ) -> Study:
-        """The study `name`; created when `create`. A missing one raises KeyError."""
+        """The study `name`; created when `create`, with the experiment's objective as its
+        metric name (what optuna-dashboard and `trials_dataframe` call the value). A
+        missing one raises KeyError."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = make_storage(url, heartbeat_seconds)
         kwargs = {"study_name": name, "storage": storage}
@@ -142,6 +152,7 @@ class Study:
             study = optuna.create_study(
                 direction=experiment.direction, load_if_exists=True, **kwargs
             )
+            _name_objective(study, experiment.objective)
         else:
             study = optuna.load_study(**kwargs)
         return cls(study, storage)

@@ -21,12 +21,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 from support import Postgres, Project, redis_database, running_mlflow_server, wait_for
 
 from pipeline.experiments import load_experiment
-from pipeline.studies import PARENT_ATTR
+from pipeline.studies import PARENT_ATTR, Study
 from pipeline.trial import CHECKPOINT
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -267,3 +268,25 @@ def test_redis_workers_meet_the_budget_and_recover_a_killed_one(
     found = check_study(project, "scale_redis", pg_mlflow_server)
     check_recovered(found, victim)
     assert victim_pid not in found["owners"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql", "redis"])
+def test_every_storage_names_the_value_after_the_objective_once(
+    store, request, tmp_path, monkeypatch
+):
+    """optuna-dashboard labels a study's value with its metric name: the experiment's
+    objective, set when the sweep creates the study and left alone when it reopens it."""
+    (tmp_path / "named.yaml").write_text(GRID.format(name="named"))
+    experiment = load_experiment(tmp_path, "named")
+    url = {
+        "sqlite": lambda: f"sqlite:///{tmp_path / 'optuna.db'}",
+        "postgresql": lambda: request.getfixturevalue("optuna_pg"),
+        "redis": lambda: request.getfixturevalue("redis_url"),
+    }[store]()
+    created = Study.open(url, "named-metric", 10, experiment, create=True)
+    writes = []
+    monkeypatch.setattr(optuna.Study, "set_metric_names", lambda _, names: writes.append(names))
+    reopened = Study.open(url, "named-metric", 10, experiment, create=True)
+
+    assert created.optuna.metric_names == reopened.optuna.metric_names == ["val_accuracy"]
+    assert writes == []
