@@ -4,9 +4,9 @@ Reads `train.csv`, `test.csv` and `sample_submission.csv` from `data/raw/<compet
 Works for `digit-recognizer` (test rows numbered 1..N implicitly, submission
 `ImageId,Label`) and for competitions whose `test.csv` has an explicit id column named
 like the submission's first column (Kannada-MNIST: `id,label`). Pixels are validated,
-scaled to float32 in [0, 1], shaped (N, H, W, 1) and split stratified into train and
-validation. Writes `data/prepared/{train,val,test}.npz` and `meta.json` atomically, plus
-`metrics/data.json`.
+scaled to float32 in [0, 1], shaped (N, H, W, 1) and split stratified into train,
+validation and held-out. Writes `data/prepared/{train,val,holdout,test}.npz` and `meta.json`
+atomically, plus `metrics/data.json` (row and class counts, image side: numbers only).
 
 Run: `ablate prepare` (or `dvc repro prepare`).
 """
@@ -318,7 +318,7 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
         "class_counts": {
             str(c): int(n) for c, n in enumerate(np.bincount(labels, minlength=n_classes))
         },
-        "image_shape": list(meta.image_shape),
+        "image_side": side,  # numbers only: DVC shows a list as a string
         "n_classes": n_classes,
     }
     dataset = Dataset(x_train, y_train, x_val, y_val, x_test, test_ids, meta, x_hold, y_hold)
@@ -337,6 +337,6 @@ def main(config: Config) -> None:
         rows["val"],
         rows["holdout"],
         rows["test"],
-        "x".join(map(str, metrics["image_shape"])),
+        "x".join(map(str, dataset.meta.image_shape)),
         metrics["n_classes"],
     )

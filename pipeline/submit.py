@@ -7,8 +7,9 @@ the competition's `sample_submission.csv`: same columns, same id order. The file
 validated before it is written (row count, ids, label range, no missing values); an
 invalid file is never written. `submissions/submission.json` records the strategy, its
 members and the accuracy expected on the leaderboard, measured once on held-out images
-that no selection saw, with its 95% interval; an MLflow run `submit-<strategy>` holds the
-same. Uploading is opt-in and never part of `dvc repro`: `ablate submit --upload -m MSG`.
+that no selection saw, with its 95% interval; `submissions/submission.scores.json` holds
+its numbers alone (what `dvc metrics show` lists), and an MLflow run `submit-<strategy>`
+the same. Uploading is opt-in and never part of `dvc repro`: `ablate submit --upload -m MSG`.
 
 Run: `ablate submit` (or `dvc repro submit`).
 """
@@ -135,7 +136,9 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
         "data_hash": data.meta.data_hash,
         "rows": len(submission),
     }
-    sidecar["mlflow_run_id"] = _log_to_mlflow(config, csv, sidecar, data)
+    scores = submission_scores(sidecar)
+    sidecar["mlflow_run_id"] = _log_to_mlflow(config, csv, sidecar, scores, data)
+    write_json(paths.submission_scores, scores)
     write_json(paths.submission_json, sidecar)
     held = estimate["holdout_accuracy"]
     log.info(
@@ -154,8 +157,24 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
     return sidecar
 
 
-def _log_to_mlflow(config: Config, csv: Path, sidecar: dict, data: Dataset) -> str:
-    """One `submit` run: the strategy, its members, the held-out estimate, the file."""
+def submission_scores(sidecar: dict[str, Any]) -> dict[str, float]:
+    """The submission's numbers: the held-out accuracy with its interval and image count
+    (none without held-out images), and how many models it averages."""
+    low, high = sidecar.get("holdout_ci95") or (None, None)
+    scores = {
+        "holdout_accuracy": sidecar["holdout_accuracy"],
+        "holdout_ci95_low": low,
+        "holdout_ci95_high": high,
+        "holdout_n": sidecar["holdout_n"],
+        "n_members": len(sidecar["members"]),
+    }
+    return {k: v for k, v in scores.items() if v is not None}
+
+
+def _log_to_mlflow(
+    config: Config, csv: Path, sidecar: dict, scores: dict[str, float], data: Dataset
+) -> str:
+    """One `submit` run: the strategy, its members, its scores, the file."""
     from pipeline.tracking import Tracker, provenance
 
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
@@ -165,16 +184,7 @@ def _log_to_mlflow(config: Config, csv: Path, sidecar: dict, data: Dataset) -> s
         params={"strategy": sidecar["strategy"], "members": " | ".join(map(str, labels))},
         tags=provenance(data.meta.competition, data.meta.data_hash),
     )
-    if sidecar["holdout_accuracy"] is not None:
-        low, high = sidecar["holdout_ci95"]
-        tracker.log_metrics(
-            run_id,
-            {
-                "holdout_accuracy": sidecar["holdout_accuracy"],
-                "holdout_ci95_low": low,
-                "holdout_ci95_high": high,
-            },
-        )
+    tracker.log_metrics(run_id, scores)
     tracker.log_artifact(run_id, csv, "submission")
     tracker.end_run(run_id)
     return run_id

@@ -7,7 +7,8 @@ the same study (its name hashes the effective config and the data): trials a dea
 left RUNNING are failed and their MLflow runs closed, and only missing trials run. At the
 end the best checkpoint goes to `models/sweeps/<experiment>/best.keras`, is logged to the
 parent run as a Keras model and registered as `<competition>-<experiment>@champion`, and
-the study's summary to `metrics/sweeps/<experiment>.json`.
+the study's record to `metrics/sweeps/<experiment>.json` and its numbers alone (`SCORES`,
+what `dvc metrics show` lists) to `metrics/sweeps/<experiment>.scores.json`.
 
 Run: `ablate sweep --experiment padding` (or `dvc repro sweep@padding`).
 """
@@ -29,6 +30,10 @@ from pipeline.tracking import Tracker, provenance
 from pipeline.trial import CHECKPOINT, RUN_STATUS, Job
 
 log = logging.getLogger(__name__)
+
+# A study's numbers, under the same names on its MLflow parent run and in its DVC metrics
+# file; the strings (study name, run ids, model URI) are in its record only.
+SCORES = ("best_value", "n_complete", "n_pruned", "n_failed", "epochs_run", "wall_seconds")
 
 
 def main(config: Config, experiment: str) -> dict[str, Any]:
@@ -140,7 +145,8 @@ def summarize(study: Study, job: Job) -> dict[str, Any]:
 
 
 def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[str, Any]:
-    """Best checkpoint to its model file, logged and registered; the study's metrics."""
+    """Best checkpoint to its model file, logged and registered; the study's record and
+    its numbers."""
     import keras
 
     summary = summarize(study, job)
@@ -166,20 +172,9 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
     summary["parent_run_id"] = parent_id
     summary["best_run_id"] = best.run_id
     summary["registered_model"] = f"{name}@champion"
-    tracker.log_metrics(
-        parent_id,
-        {
-            k: summary[k]
-            for k in (
-                "best_value",
-                "n_complete",
-                "n_pruned",
-                "n_failed",
-                "epochs_run",
-                "wall_seconds",
-            )
-        },
-    )
+    scores = {k: summary[k] for k in SCORES}
+    tracker.log_metrics(parent_id, scores)
     tracker.end_run(parent_id, "FINISHED", {"best_trial": best.number, "best_run_id": best.run_id})
+    write_json(paths.sweep_scores(job.experiment.name), scores)
     write_json(paths.sweep_metrics(job.experiment.name), summary)
     return summary

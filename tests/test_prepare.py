@@ -107,7 +107,7 @@ def test_prepare_builds_images_split_and_meta(
     assert metrics == {
         "rows": {"train": n - n_val, "val": n_val, "holdout": 0, "test": 7},
         "class_counts": {str(c): per_class for c in range(n_classes)},
-        "image_shape": [side, side, 1],
+        "image_side": side,
         "n_classes": n_classes,
     }
 

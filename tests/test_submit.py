@@ -59,6 +59,9 @@ def test_submission_has_the_sample_layout_and_a_sidecar(project):
     sidecar = json.loads((project / "submissions" / "submission.json").read_text())
     assert sidecar["experiment"] == "padding" and sidecar["study"] == "padding-x"
     assert sidecar["data_hash"] == load_prepared("data/prepared").meta.data_hash
+    scores = json.loads(load_config("params.yaml").paths.submission_scores.read_text())
+    assert scores["n_members"] == 1 and scores["holdout_accuracy"] == sidecar["holdout_accuracy"]
+    assert all(isinstance(v, int | float) for v in scores.values())  # DVC's metrics: numbers
 
 
 def test_a_model_with_the_wrong_number_of_classes_is_refused(project, capsys):
@@ -210,5 +213,14 @@ def test_refit_and_ensemble_submissions_say_what_they_are_and_what_to_expect(
     run = swept.client.get_run(sidecar["mlflow_run_id"])
     assert run.info.run_name == f"submit-{strategy}"
     assert run.data.metrics["holdout_accuracy"] == pytest.approx(sidecar["holdout_accuracy"])
+    scores = json.loads(swept.config().paths.submission_scores.read_text())
+    assert scores == {
+        "holdout_accuracy": sidecar["holdout_accuracy"],
+        "holdout_ci95_low": low,
+        "holdout_ci95_high": high,
+        "holdout_n": len(held),
+        "n_members": members,
+    }
+    assert {k: run.data.metrics[k] for k in scores} == pytest.approx(scores)
     written = pd.read_csv(swept.root / "submissions" / "submission.csv")
     assert len(written) == sidecar["rows"]

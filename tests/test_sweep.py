@@ -27,6 +27,7 @@ from support import Project, wait_for
 import pipeline.train
 from pipeline import cli
 from pipeline.studies import PARENT_ATTR, make_storage
+from pipeline.sweep import SCORES
 from pipeline.trial import CHECKPOINT
 
 COMPETITION = "digit-recognizer"
@@ -121,6 +122,17 @@ def test_sweep_writes_metrics(padding_sweep):
     assert metrics["epochs_run"] == sum(t.user_attrs["epochs_run"] for t in trials) == 4
     assert metrics["wall_seconds"] > 0
     assert metrics["registered_model"] == f"{COMPETITION}-padding@champion"
+
+
+def test_sweep_gives_dvc_its_numbers_alone_and_optuna_the_objectives_name(padding_sweep):
+    work, summary, study = padding_sweep
+    scores = json.loads(work.config().paths.sweep_scores("padding").read_text())
+
+    assert scores == {k: summary[k] for k in SCORES}
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in scores.values())
+    parent = work.client.get_run(summary["parent_run_id"])
+    assert {k: parent.data.metrics[k] for k in SCORES} == pytest.approx(scores)
+    assert study.metric_names == ["val_accuracy"]  # optuna-dashboard's name for the value
 
 
 def test_sweep_saves_the_best_trials_model(padding_sweep, digits):
