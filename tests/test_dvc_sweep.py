@@ -51,9 +51,10 @@ def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
     assert lock["stages"]["sweep@padding"]["params"]["params.yaml"]["sweep"]["n_trials"] == 2
 
     shown = json.loads(_dvc(run_cmd, repo_copy, "metrics", "show", "--json", stdout_only=True))
-    padding = shown[""]["data"]["metrics/sweeps/padding.json"]["data"]
+    padding = shown[""]["data"]["metrics/sweeps/padding.scores.json"]["data"]
     assert padding["best_value"] == metrics["best_value"]
-    assert "metrics/sweeps/padding.json" in _dvc(run_cmd, repo_copy, "metrics", "show")
+    assert "metrics/sweeps/padding.json" not in shown[""]["data"]  # the record: strings
+    assert "metrics/sweeps/padding.scores.json" in _dvc(run_cmd, repo_copy, "metrics", "show")
 
     again = _dvc(run_cmd, repo_copy, "repro", "sweep@padding")
     assert "Running stage" not in again
@@ -74,4 +75,4 @@ def test_dvc_repro_sweep_then_exp_run(repo_copy, run_cmd, write_params):
     assert (by_name["master"]["n_complete"], by_name["master"]["sweep.n_trials"]) == ("2", "2")
     experiment = [row for name, row in by_name.items() if name not in ("workspace", "master")]
     assert [(row["n_complete"], row["sweep.n_trials"]) for row in experiment] == [("3", "3")]
-    assert experiment[0]["study"] == metrics["study"]
+    assert by_name["master"]["experiments/padding.yaml:factors.padding"] == "['valid', 'same']"
