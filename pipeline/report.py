@@ -21,7 +21,6 @@ import base64
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,44 +32,26 @@ from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.selection import finished_studies
 from pipeline.stats import (
-    REAL,
-    TOO_FEW,
     LevelStats,
-    at_best_rates,
     compare,
     judge,
-    level_effects,
     pareto_front,
 )
 from pipeline.studies import Study
+from pipeline.tables import (
+    FactorStudy,
+    factor_study,
+    fmt,
+    interval_text,
+    method_note,
+    summary_table,
+    verdict_text,
+)
 
 if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FactorStudy:
-    """One single-factor study's trials and statistics."""
-
-    name: str
-    experiment: Experiment
-    factor: str
-    base_level: str
-    records: list[TrialRecord]
-    rates: dict[str, float]  # the learning rate each level is compared at, if searched
-    stats: list[LevelStats]
-
-
-def factor_study(name: str, experiment: Experiment, records: list[TrialRecord], confidence):
-    factor = next(iter(experiment.factors))
-    base_level = experiment.base_level.get(factor, experiment.factors[factor][0])
-    rates: dict[str, float] = {}
-    if experiment.learning_rates:
-        records, rates = at_best_rates(records, factor)
-    stats = level_effects(records, factor, base_level, confidence, judged=False)
-    return FactorStudy(name, experiment, factor, str(base_level), records, rates, stats)
 
 
 def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n_tests: int = 1):
@@ -110,95 +91,6 @@ def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n
 
 
 # -- writing -------------------------------------------------------------------------------------
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    if isinstance(value, int) and abs(value) >= 10000:
-        return f"{value:,}"
-    return str(value)
-
-
-def _verdict(s: LevelStats) -> str:
-    return {REAL: "**real effect**", TOO_FEW: "too few trials"}.get(s.verdict, s.verdict or "-")
-
-
-def _interval(s: LevelStats) -> str:
-    return f"[{s.ci_low:+.4f}, {s.ci_high:+.4f}]" if s.ci_low is not None else "-"
-
-
-def summary_table(studies: list[FactorStudy], confidence: float) -> list[str]:
-    """One row per level compared with its base, across every single-factor study."""
-    pct = round(confidence * 100)
-    lines = [
-        f"| study | level vs base | effect | {pct}% interval | P(beats base) | verdict | "
-        "params | MACs |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for study in studies:
-        for s in study.stats:
-            if s.level == study.base_level:
-                continue
-            effect = f"{s.effect:+.4f}" if s.effect is not None else "-"
-            lines.append(
-                f"| {study.name} | {s.level} vs {study.base_level} | {effect} | {_interval(s)} | "
-                f"{_fmt(s.p_better, 2)} | {_verdict(s)} | {_fmt(s.n_params)} | {_fmt(s.macs)} |"
-            )
-    return lines
-
-
-def method_note(studies: list[FactorStudy], confidence: float, min_effect: float) -> str:
-    n_tests = sum(s.method is not None for study in studies for s in study.stats)
-    seeds = sorted({s.n for study in studies for s in study.stats if s.n})
-    return (
-        "Effects are differences in the mean objective against the study's base level. A "
-        "seed fixes the validation split, the data order and the initial weights for every "
-        "level, so levels are compared seed by seed (a paired t interval; Welch's where "
-        f"seeds do not pair). Intervals are {round(confidence * 100)}% t intervals. A level "
-        f"is a real effect when its Holm-adjusted p-value over all {n_tests} comparisons "
-        f"here is below {1 - confidence:.2f} and its effect is at least {min_effect:g}; with "
-        "fewer than two trials it gets no verdict. "
-        f"P(beats base) is the share of seeds where the level scored higher. Trials per "
-        f"level: {', '.join(map(str, seeds)) or 'none'}; with three, only effects several "
-        "times the seed-to-seed spread can be called real."
-    )
-
-
-def study_answer(
-    name: str, experiment: Experiment, records: list[TrialRecord], confidence: float = 0.95
-) -> tuple[str, dict[str, float]]:
-    """A single-factor study's answer on its own, for its MLflow parent run: a Markdown
-    table (the run's description) and per-level metrics. Verdicts here count this study's
-    comparisons only; the report judges all studies together."""
-    study = factor_study(name, experiment, records, confidence)
-    study.stats = judge([study.stats], confidence)[0]
-    pct = round(confidence * 100)
-    lines = [
-        f"**{name}**: {experiment.description or study.factor}. Objective: "
-        f"{experiment.objective} of the kept weights; effects against {study.base_level}, "
-        f"paired by seed, {pct}% t intervals, verdicts with Holm over this study's "
-        "comparisons (the report judges every study together).",
-        "",
-        f"| level | trials | mean | std | effect | {pct}% interval | P(beats base) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    metrics: dict[str, float] = {}
-    for s in study.stats:
-        base = s.level == study.base_level
-        lines.append(
-            f"| {s.level}{' (base)' if base else ''} | {s.n} | {_fmt(s.mean)} | {_fmt(s.std)} | "
-            f"{_fmt(s.effect)} | {_interval(s)} | {_fmt(s.p_better, 2)} | "
-            f"{'-' if base else _verdict(s)} |"
-        )
-        for key in ("mean", "std", "effect", "ci_low", "ci_high", "p_better"):
-            value = getattr(s, key)
-            if value is not None:
-                metrics[f"{s.level}.{key}"] = value
-        metrics[f"{s.level}.n"] = s.n
-    return "\n".join(lines) + "\n", metrics
-
-
 def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: int):
     """One single-factor study's section and its plots."""
     name, factor, stats = study.name, study.factor, study.stats
@@ -219,8 +111,8 @@ def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: 
     for s in stats:
         label = f"{s.level} (base)" if s.level == study.base_level else s.level
         lines.append(
-            f"| {label} | {s.n} | {s.n_pruned} | {s.n_failed} | {_fmt(s.mean)} | "
-            f"{_fmt(s.std)} | {_fmt(s.best)} | {_fmt(s.n_params)} | {_fmt(s.macs)} |"
+            f"| {label} | {s.n} | {s.n_pruned} | {s.n_failed} | {fmt(s.mean)} | "
+            f"{fmt(s.std)} | {fmt(s.best)} | {fmt(s.n_params)} | {fmt(s.macs)} |"
         )
     lines += [
         "",
@@ -231,8 +123,8 @@ def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: 
     for s in stats:
         if s.level != study.base_level:
             lines.append(
-                f"| {s.level} | {_fmt(s.effect)} | {_interval(s)} | {_fmt(s.p_better, 2)} | "
-                f"{_fmt(s.p_adjusted, 3)} | {s.method or '-'} | {_verdict(s)} |"
+                f"| {s.level} | {fmt(s.effect)} | {interval_text(s)} | {fmt(s.p_better, 2)} | "
+                f"{fmt(s.p_adjusted, 3)} | {s.method or '-'} | {verdict_text(s)} |"
             )
     lines.append("")
     for s in stats:
@@ -299,7 +191,7 @@ def report_joint(
     ]
     if done:
         best = max(done, key=lambda t: t.value)
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items())
+        params = ", ".join(f"{k}={fmt(v)}" for k, v in best.params.items())
         lines += [f"Best val_accuracy {best.value:.4f} (trial {best.number}): {params}.", ""]
     if weights:
         lines += [
@@ -478,7 +370,7 @@ def heldout_section(config: Config, studies: dict) -> tuple[list[str], dict[str,
     for name, row in results.items():
         low, high = row["holdout_ci95"]
         lines.append(
-            f"| {name} | {_fmt(row['val_accuracy'])} | {row['holdout_accuracy']:.4f} | "
+            f"| {name} | {fmt(row['val_accuracy'])} | {row['holdout_accuracy']:.4f} | "
             f"[{low:.4f}, {high:.4f}] |"
         )
     return [*lines, ""], results

@@ -99,7 +99,8 @@ def parent_run(job: Job, study: Study, tracker: Tracker) -> str:
             **flatten_config(job.config.model),
         },
         tags={
-            "study": study.name,
+            "study": experiment.name,
+            "study_name": study.name,
             "experiment": experiment.name,
             **provenance(meta.competition, meta.data_hash),
         },
@@ -159,22 +160,82 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
             "see the trial runs in MLflow for the errors"
         )
     paths = job.config.paths
+    source = best.attrs.get("checkpoint_run_id", best.run_id)  # the run that trained it
     with tempfile.TemporaryDirectory() as tmp:
-        source = best.attrs.get("checkpoint_run_id", best.run_id)
         local = tracker.download_artifact(source, CHECKPOINT, Path(tmp))
         model = keras.models.load_model(local)
         with atomic_path(paths.sweep_model(job.experiment.name)) as out:
             out.write_bytes(local.read_bytes())
     name = f"{job.data.meta.competition}-{job.experiment.name}"
+    objective = job.experiment.objective
     summary["model_uri"] = tracker.log_keras_model(
-        parent_id, model, job.data.x_val[:5], registered_name=name
+        source,
+        model,
+        job.data.x_val[:5],
+        registered_name=name,
+        model_name=f"{job.experiment.name}-best",
+        version_tags={
+            "study": job.experiment.name,
+            "study_name": study.name,
+            "trial": best.number,
+            objective: f"{best.value:.6f}",
+            **{k: v for k, v in best.params.items()},
+        },
+        description=(
+            f"Best of study {job.experiment.name}: trial {best.number} "
+            f"({_label(best.params)}), {objective} {best.value:.4f}."
+        ),
     )
     summary["parent_run_id"] = parent_id
     summary["best_run_id"] = best.run_id
     summary["registered_model"] = f"{name}@champion"
+    _describe_parent(job, study, tracker, parent_id)
     scores = {k: summary[k] for k in SCORES}
     tracker.log_metrics(parent_id, scores)
     tracker.end_run(parent_id, "FINISHED", {"best_trial": best.number, "best_run_id": best.run_id})
     write_json(paths.sweep_scores(job.experiment.name), scores)
     write_json(paths.sweep_metrics(job.experiment.name), summary)
     return summary
+
+
+def _label(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _describe_parent(job: Job, study: Study, tracker: Tracker, parent_id: str) -> None:
+    """The study's answer on its parent run: a table as the run's description (MLflow
+    shows it on the Overview page), per-level metrics, and each level's learning curves."""
+    from pipeline import plots
+    from pipeline.tables import study_answer
+
+    experiment = job.experiment
+    records = study.records(finished_only=True)
+    done = [r for r in records if r.state == "COMPLETE"]
+    if experiment.is_grid and len(experiment.factors) == 1:
+        text, metrics = study_answer(
+            experiment.name, experiment, records, job.config.report.confidence
+        )
+        tracker.log_metrics(parent_id, metrics)
+        factor = next(iter(experiment.factors))
+        by_level: dict[str, Any] = {}
+        for r in done:
+            level = str(r.params.get(factor))
+            if r.history and (level not in by_level or r.value > by_level[level].value):
+                by_level[level] = r
+        if by_level:
+            with tempfile.TemporaryDirectory() as tmp:
+                plots.curves_by_level(
+                    {level: r.history for level, r in by_level.items()},
+                    Path(tmp) / f"{experiment.name}_curves.png",
+                    f"{experiment.name}: learning curves of each level's best trial",
+                )
+                tracker.log_artifacts(parent_id, Path(tmp), "curves")
+    else:
+        best = max(done, key=lambda r: r.value)
+        text = (
+            f"**{experiment.name}**: {experiment.description}. {len(done)} complete, "
+            f"{sum(r.state == 'PRUNED' for r in records)} pruned, "
+            f"{sum(r.state == 'FAIL' for r in records)} failed. Best {experiment.objective} "
+            f"{best.value:.4f} (trial {best.number}): {_label(best.params)}.\n"
+        )
+    tracker.set_tags(parent_id, {"mlflow.note.content": text})

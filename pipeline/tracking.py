@@ -182,6 +182,11 @@ class Tracker:
         return self.client.search_runs([self.experiment_id], query, max_results=50000)
 
     # -- models ---------------------------------------------------------------------------
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
     def log_keras_model(
         self,
         run_id: str,
@@ -189,31 +194,54 @@ class Tracker:
         example: np.ndarray,
         registered_name: str | None = None,
         alias: str = "champion",
+        model_name: str = "model",
+        version_tags: dict[str, Any] | None = None,
+        description: str = "",
     ) -> str:
-        """Log `model` with a signature under `run_id`; optionally register it with an alias."""
+        """Log `model` with a signature under `run_id` (the run that trained it) as
+        `model_name`; optionally register it as `registered_name@alias`, with tags and a
+        description on the version. When that alias already points at this run's
+        `model_name`, nothing is logged again: a rerun registers no new version."""
         import keras
         import mlflow
         import tensorflow as tf
         from mlflow.models import infer_signature
 
+        if registered_name:
+            current = self._version(registered_name, alias)
+            if current and (current.run_id, current.tags.get("model_name")) == (run_id, model_name):
+                return current.source
         signature = infer_signature(example, np.asarray(model.predict(example, verbose=0)))
         # Naming the requirements skips MLflow's inference, a subprocess that imports
         # TensorFlow again (about 6 s per call here).
         requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+        status = self.client.get_run(run_id).info.status
         with mlflow.start_run(run_id=run_id), _quiet():
             info = mlflow.keras.log_model(
                 model,
-                name="model",
+                name=model_name,
                 signature=signature,
                 pip_requirements=requirements,
                 registered_model_name=registered_name,
             )
+        self.client.set_terminated(run_id, status)  # as it was: a trial's run stays FINISHED
         if registered_name:
             versions = self.client.search_model_versions(f"name='{registered_name}'")
             mine = [v for v in versions if v.run_id == run_id] or versions
             latest = max(mine, key=lambda v: int(v.version))
+            for key, value in {**(version_tags or {}), "model_name": model_name}.items():
+                self.client.set_model_version_tag(registered_name, latest.version, key, str(value))
+            if description:
+                self.client.update_model_version(registered_name, latest.version, description)
             self.client.set_registered_model_alias(registered_name, alias, latest.version)
         return info.model_uri
+
+    def _version(self, registered_name: str, alias: str):
+        """The version `alias` points at, or None."""
+        try:
+            return self.client.get_model_version_by_alias(registered_name, alias)
+        except Exception:  # no such model or alias yet
+            return None
 
 
 # Keras's per-epoch names -> the series' names on a run. A run's `val_accuracy` is the

@@ -9,6 +9,7 @@ what they check is how the sweep records trials that raise.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ import pipeline.train
 from pipeline import cli
 from pipeline.studies import PARENT_ATTR, make_storage
 from pipeline.sweep import SCORES
+from pipeline.train import training_data
 from pipeline.trial import CHECKPOINT
 
 COMPETITION = "digit-recognizer"
@@ -144,7 +146,9 @@ def test_sweep_saves_the_best_trials_model(padding_sweep, digits):
     assert model.input_shape == (None, 8, 8, 1)
     assert model.output_shape == (None, 10)
     assert model.get_layer("conv0").padding == summary["best_params"]["padding"]
-    accuracy = float((model.predict(digits.x_val, verbose=0).argmax(1) == digits.y_val).mean())
+    seed = summary["best_params"]["seed"]
+    split = training_data(digits, dataclasses.replace(work.config().train, seed=seed))
+    accuracy = float((model.predict(split.x_val, verbose=0).argmax(1) == split.y_val).mean())
     assert accuracy == pytest.approx(summary["best_value"], abs=0.01)
 
 
@@ -155,7 +159,9 @@ def test_sweep_records_one_parent_run_and_one_child_run_per_trial(padding_sweep)
     trials = {t.number: t for t in study.get_trials()}
 
     parents = [
-        r for r in work.runs(f"tags.study = '{study.study_name}'") if PARENT_TAG not in r.data.tags
+        r
+        for r in work.runs(f"tags.study_name = '{study.study_name}'")
+        if PARENT_TAG not in r.data.tags
     ]
     assert [r.info.run_id for r in parents] == [parent.info.run_id]
     assert parent.info.status == "FINISHED"
@@ -171,26 +177,61 @@ def test_sweep_records_one_parent_run_and_one_child_run_per_trial(padding_sweep)
         trial = trials[number]
         assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
         assert run.info.status == "FINISHED"
-        assert run.data.tags["study"] == study.study_name
-        assert run.data.tags["state"] == "COMPLETE"
+        level, seed = trial.params["padding"], trial.params["seed"]
+        assert run.info.run_name == f"padding={level} seed={seed}"
+        tags = run.data.tags
+        assert (tags["study"], tags["study_name"]) == ("padding", study.study_name)
+        assert (tags["factor"], tags["level"], tags["seed"]) == ("padding", level, str(seed))
+        assert tags["competition"] == COMPETITION
+        assert tags["data_hash"] == work.job().data.meta.data_hash
+        assert tags["git_commit"] == parent.data.tags["git_commit"]
+        assert tags["state"] == "COMPLETE"
         params = run.data.params
         assert params["trial.padding"] == trial.params["padding"]
         assert params["trial.seed"] == str(trial.params["seed"])
         assert params["blocks.0.padding"] == params["blocks.1.padding"] == trial.params["padding"]
         assert params["blocks.1.pooling"] == "max"  # the base model's, unchanged
-        assert run.data.metrics["best_val_accuracy"] == trial.value
-        history = work.client.get_metric_history(run.info.run_id, "val_accuracy")
+        assert run.data.metrics["val_accuracy"] == trial.value  # the objective
+        assert not [k for k in run.data.metrics if k.startswith("best_") and k != "best_epoch"]
+        history = work.client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
         assert [m.step for m in history] == [0, 1]
 
 
 def test_sweep_registers_the_best_model_as_champion(padding_sweep):
     work, summary, study = padding_sweep
     version = work.client.get_model_version_by_alias(f"{COMPETITION}-padding", "champion")
+    best = study.best_trial
 
-    assert version.run_id == study.user_attrs[PARENT_ATTR]
-    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    best_run = best.user_attrs["mlflow_run_id"]
+    assert version.run_id == best_run  # the trial that trained it, not the sweep's run
+    assert work.client.get_run(best_run).info.status == "FINISHED"
+    tags = version.tags
+    assert (tags["study"], tags["trial"], tags["model_name"]) == (
+        "padding",
+        str(best.number),
+        "padding-best",
+    )
+    assert tags["padding"] == best.params["padding"]
+    assert float(tags["val_accuracy"]) == pytest.approx(best.value)
+    assert version.description.startswith(f"Best of study padding: trial {best.number} (padding=")
     artifacts = [a.path for a in work.client.list_artifacts(best_run, "checkpoint")]
     assert artifacts == [CHECKPOINT]
+
+
+def test_the_sweeps_parent_run_carries_its_answer(padding_sweep):
+    work, _, study = padding_sweep
+    parent = work.parent(study)
+    description = parent.data.tags["mlflow.note.content"]
+
+    assert description.startswith("**padding**")
+    assert "| same (base) | 1 |" in description and "| valid | 1 |" in description
+    assert "too few trials" in description  # one seed per level: no verdict
+    levels = {t.params["padding"]: t.value for t in study.get_trials()}
+    assert parent.data.metrics["valid.mean"] == pytest.approx(levels["valid"])
+    assert parent.data.metrics["valid.effect"] == pytest.approx(levels["valid"] - levels["same"])
+    assert parent.data.metrics["same.n"] == 1
+    curves = [a.path for a in work.client.list_artifacts(parent.info.run_id, "curves")]
+    assert curves == ["curves/padding_curves.png"]
 
 
 # -- (b) resuming ------------------------------------------------------------------------------
@@ -202,7 +243,9 @@ def test_rerun_continues_the_same_study_and_new_train_params_start_another(workd
     parent_id = study.user_attrs[PARENT_ATTR]
     assert len(study.get_trials()) == 2
 
-    again = workdir.sweep()  # the same params: nothing left to run
+    versions = workdir.client.search_model_versions(f"name='{COMPETITION}-padding'")
+    again = workdir.sweep()  # the same params: nothing left to run, nothing to register
+    assert workdir.client.search_model_versions(f"name='{COMPETITION}-padding'") == versions
     assert again["study"] == first["study"]
     assert len(study.get_trials()) == 2
     assert (again["n_complete"], again["best_value"]) == (2, first["best_value"])
@@ -243,8 +286,8 @@ def test_two_studies_sharing_the_base_level_train_it_once(workdir):
     assert (strides["n_reused"], strides["epochs_run"]) == (1, 2)  # only stride 2 trained
     run = workdir.children(workdir.study(strides["study"]))[reused.number]
     assert run.data.tags["reused_from"] == reused.user_attrs["reused_from"]
-    assert run.data.metrics["best_val_accuracy"] == reused.value
-    history = workdir.client.get_metric_history(run.info.run_id, "val_accuracy")
+    assert run.data.metrics["val_accuracy"] == reused.value
+    history = workdir.client.get_metric_history(run.info.run_id, "epoch_val_accuracy")
     assert [m.value for m in history] == base_in_padding.user_attrs["history"]["val_accuracy"]
 
 
@@ -272,7 +315,7 @@ def test_the_pruner_stops_a_hopeless_trial(workdir):
     assert summary["epochs_run"] == complete[0].user_attrs["epochs_run"] + 1
     run = workdir.children(study)[pruned[0].number]
     assert (run.info.status, run.data.tags["state"]) == ("KILLED", "PRUNED")
-    assert len(workdir.client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
+    assert len(workdir.client.get_metric_history(run.info.run_id, "epoch_val_accuracy")) == 1
 
 
 def test_collapsing_configs_are_pruned_without_training(workdir):
