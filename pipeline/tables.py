@@ -77,15 +77,20 @@ def summary_table(studies: list[FactorStudy], confidence: float) -> list[str]:
 def method_note(studies: list[FactorStudy], confidence: float, min_effect: float) -> str:
     n_tests = sum(s.method is not None for study in studies for s in study.stats)
     seeds = sorted({s.n for study in studies for s in study.stats if s.n})
+    judged = (
+        f"Holm-adjusted p-value over all {n_tests} comparisons here"
+        if n_tests
+        else "Holm-adjusted p-value over all the comparisons (none yet: no level and its "
+        "base have two complete trials each)"
+    )
     return (
         "Effects are differences in the mean objective against the study's base level. A "
         "seed fixes the validation split, the data order and the initial weights for every "
         "level, so levels are compared seed by seed (a paired t interval; Welch's where "
         f"seeds do not pair). Intervals are {round(confidence * 100)}% t intervals. A level "
-        f"is a real effect when its Holm-adjusted p-value over all {n_tests} comparisons "
-        f"here is below {1 - confidence:.2f} and its effect is at least {min_effect:g}; with "
-        "fewer than two trials it gets no verdict. "
-        f"P(beats base) is the share of seeds where the level scored higher. Trials per "
+        f"is a real effect when its {judged} is below {1 - confidence:.2f} and its effect "
+        f"is at least {min_effect:g}; with fewer than two trials it gets no verdict. "
+        "P(beats base) is the share of seeds where the level scored higher. Trials per "
         f"level: {', '.join(map(str, seeds)) or 'none'}; with three, only effects several "
         "times the seed-to-seed spread can be called real."
     )
