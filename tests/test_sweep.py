@@ -234,6 +234,23 @@ def test_the_sweeps_parent_run_carries_its_answer(padding_sweep):
     assert curves == ["curves/padding_curves.png"]
 
 
+def test_a_sampled_studys_runs_are_named_by_number_and_its_parent_names_the_best(workdir):
+    workdir.add_experiment(
+        "sampled", "factors: {padding: [valid, same], width: [0.5, 1.0]}\nsampler: random\n"
+    )
+    summary = workdir.sweep("sampled")
+    study = workdir.study(summary["study"])
+    parent = workdir.parent(study)
+
+    names = sorted(r.info.run_name for r in workdir.children(study).values())
+    assert names == ["sampled #0", "sampled #1"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("**sampled**")
+    assert (
+        f"val_accuracy {summary['best_value']:.4f} (trial {summary['best_trial']})" in description
+    )
+
+
 # -- (b) resuming ------------------------------------------------------------------------------
 
 
