@@ -14,6 +14,7 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -30,11 +31,21 @@ PARENT_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 
 
-@functools.cache
 def git_commit() -> str:
+    """The commit checked out in the working directory, or "unknown"."""
+    return _commit_in(os.getcwd())
+
+
+@functools.cache  # once per folder: every trial's run asks
+def _commit_in(folder: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+            cwd=folder,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
