@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from pipeline.config import Config, load_config
 from pipeline.errors import UserError
+from pipeline.interrupts import Interrupted, install
 
 EXIT_USER_ERROR = 2
 
@@ -204,11 +205,15 @@ def load(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    install()  # Ctrl-C, SIGTERM and SIGHUP: cleaned up after, then exit 128 + signal
     try:
         COMMANDS[args.command](load(args), args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as exc:
+        print(f"interrupted ({exc})", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

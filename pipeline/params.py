@@ -192,6 +192,7 @@ class SweepParams:
     trials_per_process: int | None = None
     n_workers: int = 1
     max_consecutive_failures: int = 5
+    max_retries: int = 2  # a grid point that fails with an error is tried this often again
     heartbeat_seconds: int = 10
     reuse: bool = True  # a training already done (same model, recipe, seed, data) is reused
 
@@ -214,6 +215,8 @@ class SweepParams:
             raise ValueError("trials_per_process must be >= 1 or null (no limit)")
         if self.max_consecutive_failures < 1:
             raise ValueError("max_consecutive_failures must be >= 1")
+        if self.max_retries < 0:
+            raise ValueError("max_retries must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,13 @@ decides there.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
+
+PARENT_ENV = "ABLATE_PARENT_PID"
 
 
 def worker_id() -> str:
@@ -29,3 +34,15 @@ def died_here(worker: str) -> bool:
         return True
     except psutil.Error:  # not ours to inspect: alive as far as we know
         return False
+
+
+def end_with_parent() -> None:
+    """In a worker the sweep started (`ABLATE_PARENT_PID` set): receive SIGTERM when the
+    sweep dies, even by SIGKILL (Linux), and stop at once if it is already gone."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import json
 import logging
 import threading
 import warnings
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+# `fail_kind` of a FAIL trial whose work was cut short: it says nothing about its config,
+# and its grid point (or budget slot) is run again.
+CUT_SHORT = ("interrupted", "died")
+
+
+def _cut_short(trial) -> bool:
+    return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_kind") in CUT_SHORT
 
 
 # -- storages -------------------------------------------------------------------------------
@@ -173,14 +181,27 @@ class Study:
     def parent_run_id(self, run_id: str) -> None:
         self.optuna.set_user_attr(PARENT_ATTR, run_id)
 
+    def _retried(self, trials: list) -> set[int]:
+        """Failed trials that Optuna's heartbeat retry queued again."""
+        return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+
     def _slots(self) -> list:
-        """The frozen trials, one per budget slot: a failed trial that was queued again
-        gives its slot to its retry."""
+        """The frozen trials that take a budget slot: not those cut short (interrupted, or
+        their worker died), whose slot goes to the trial run in their place."""
         trials = self.optuna.get_trials(deepcopy=False)
-        retried = {
-            t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs
+        retried = self._retried(trials)
+        return [t for t in trials if t.number not in retried and not _cut_short(t)]
+
+    def attempts(self) -> dict[str, int]:
+        """How many trials were cut short (interrupted or a dead worker's) and how many
+        were a grid point's second or later attempt."""
+        trials = self.optuna.get_trials(deepcopy=False)
+        points = [json.dumps(t.system_attrs.get("fixed_params"), sort_keys=True) for t in trials]
+        fixed = [p for p in points if p != "null"]
+        return {
+            "n_interrupted": sum(_cut_short(t) for t in trials) + len(self._retried(trials)),
+            "n_retried": len(fixed) - len(set(fixed)),
         }
-        return [t for t in trials if t.number not in retried]
 
     def records(self, finished_only: bool = False, retried: bool = False) -> list[TrialRecord]:
         """The trials as plain values, one per budget slot (with `retried`, also the
@@ -195,21 +216,29 @@ class Study:
     def count(self, state: str) -> int:
         return len(self.optuna.get_trials(deepcopy=False, states=(TrialState[state],)))
 
-    def fill_queue(self, experiment: Experiment) -> int:
-        """Queue WAITING trials until the study holds its whole budget; returns how many."""
-        existing = self._slots()
-        missing = experiment.n_trials - len(existing)
-        if missing <= 0:
-            return 0
+    def fill_queue(self, experiment: Experiment, max_retries: int = 2) -> int:
+        """Queue WAITING trials for whatever of the budget has no trial done or under way;
+        returns how many. A grid point is done once a trial of it completed or was pruned;
+        a point whose trials were cut short runs again, and one that failed with an error
+        runs again up to `max_retries` times. Sampled studies count finished trials."""
         if not experiment.is_grid:
+            missing = max(experiment.n_trials - len(self._slots()), 0)
             for _ in range(missing):
                 self.optuna.enqueue_trial({})
             return missing
-        taken = [t.system_attrs.get("fixed_params", t.params) for t in existing]
-        points = [p for p in experiment.grid() if p not in taken][:missing]
-        for point in points:
+        trials = self.optuna.get_trials(deepcopy=False)
+        retried = self._retried(trials)
+        queued = 0
+        for point in experiment.grid()[: experiment.n_trials]:
+            tried = [t for t in trials if t.system_attrs.get("fixed_params", t.params) == point]
+            if any(t.state not in (TrialState.FAIL,) for t in tried):
+                continue  # complete, pruned, waiting or running
+            errors = sum(not _cut_short(t) and t.number not in retried for t in tried)
+            if errors > max_retries:
+                continue  # given up: the report counts it as failed
             self.optuna.enqueue_trial(point)
-        return len(points)
+            queued += 1
+        return queued
 
     def claim(self) -> Trial | None:
         """Atomically take one WAITING trial (RUNNING from now on), or None when none is
@@ -237,6 +266,7 @@ class Study:
                 self.storage.set_trial_user_attr(
                     trial_id, "error", f"worker {owner} died during the trial"
                 )
+                self.storage.set_trial_user_attr(trial_id, "fail_kind", "died")
                 if not self.storage.set_trial_state_values(trial_id, TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:

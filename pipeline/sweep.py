@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import workers
+from pipeline import interrupts, workers
 from pipeline.config import Config
 from pipeline.errors import UserError, redact
 from pipeline.fsutil import atomic_path, write_json
@@ -43,7 +43,7 @@ def main(config: Config, experiment: str) -> dict[str, Any]:
     parent_id = parent_run(job, study, tracker)
     study.fail_dead_trials()
     close_orphan_runs(tracker, study, parent_id)
-    queued = study.fill_queue(job.experiment)
+    queued = study.fill_queue(job.experiment, config.sweep.max_retries)
     log.info(
         "sweep %s: study %s, budget %d, %d newly queued, storage %s",
         experiment,
@@ -62,10 +62,17 @@ def main(config: Config, experiment: str) -> dict[str, Any]:
             workers.work(job, study, tracker, parent_id)
 
     try:
-        run_waiting()
-        workers.wait_for_running(study, run_waiting)
+        while True:
+            run_waiting()
+            workers.wait_for_running(study, run_waiting)
+            if not study.fill_queue(job.experiment, config.sweep.max_retries):
+                break  # every planned point done (or given up after its retries)
     except UserError as exc:  # e.g. too many failures in a row: the parent run ends too
         tracker.end_run(parent_id, "FAILED", {"error": str(exc)})
+        raise
+    except (interrupts.Interrupted, KeyboardInterrupt):
+        with interrupts.deferred(raise_after=False):
+            tracker.end_run(parent_id, "KILLED", {"error": "interrupted"})
         raise
     close_orphan_runs(tracker, study, parent_id)
     summary = finalize(job, study, tracker, parent_id)
@@ -140,6 +147,7 @@ def summarize(study: Study, job: Job) -> dict[str, Any]:
         "n_rejected": sum(r.state == "PRUNED" and r.rejected for r in records),
         "n_failed": count["FAIL"],
         "n_reused": sum("reused_from" in r.attrs for r in records),
+        **study.attempts(),
         "epochs_run": sum(int(r.attrs.get("epochs_run", 0)) for r in records),
         "wall_seconds": study.wall_seconds(),
     }

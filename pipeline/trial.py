@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import interrupts
 from pipeline import train as training
 from pipeline.config import Config
 from pipeline.dataset import Dataset, load_prepared
@@ -179,8 +180,22 @@ def run_tags(job: Job, trial: Trial, values: dict[str, Any]) -> dict[str, Any]:
     return tags
 
 
-def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outcome:
-    """Run one claimed trial, recorded as a child run of `parent_id` and told to the study."""
+@dataclass
+class Started:
+    """A claimed trial with its MLflow run open: what `run_trial` needs."""
+
+    trial: Trial
+    values: dict[str, Any]
+    config: ModelConfig
+    params: TrainParams
+    refused: str | None
+    run_id: str
+    found: TrialRecord | None  # a finished training to reuse
+
+
+def start_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Started:
+    """Sample the claimed trial and open its MLflow run, a child of `parent_id`. The caller
+    defers signals around the claim and this (`interrupts.deferred`)."""
     values = trial.suggest(job.experiment)
     config, params, refused = configure(job, values)
     run_id = tracker.start_run(
@@ -196,24 +211,45 @@ def run_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Outco
     key = None if refused else reuse_key(job, config, params)
     trial.set_attrs({"mlflow_run_id": run_id, "reuse_key": key})
     found = trial.study.find_complete(key) if key and job.config.sweep.reuse else None
-    if refused:
-        outcome = _rejected(refused)
-    elif found is not None:
-        outcome = reused(job, found)
-        tracker.log_history(run_id, outcome.attrs.get("history", {}))
-    else:
-        callbacks = [tracker.epoch_logger(run_id), trial.pruning_callback(job.experiment.objective)]
-        with trial.heartbeat(job.config.sweep.heartbeat_seconds):
-            outcome = evaluate(job, config, params, callbacks)
+    return Started(trial, values, config, params, refused, run_id, found)
+
+
+def run_trial(job: Job, started: Started, tracker: Tracker) -> Outcome:
+    """Train (or reuse) a started trial and tell the study and MLflow how it ended. A
+    signal meanwhile ends it FAIL with reason `interrupted` (its run KILLED), then goes on
+    up; the study's end and the run's are never cut in half."""
+    trial, run_id = started.trial, started.run_id
     try:
-        _record(outcome, trial, tracker, run_id)
-    finally:
-        outcome.model = None
-        gc.collect()
+        interrupts.check()
+        if started.refused:
+            outcome = _rejected(started.refused)
+        elif started.found is not None:
+            outcome = reused(job, started.found)
+            tracker.log_history(run_id, outcome.attrs.get("history", {}))
+        else:
+            callbacks = [
+                tracker.epoch_logger(run_id),
+                trial.pruning_callback(job.experiment.objective),
+            ]
+            with trial.heartbeat(job.config.sweep.heartbeat_seconds):
+                outcome = evaluate(job, started.config, started.params, callbacks)
+    except (interrupts.Interrupted, KeyboardInterrupt):
+        with interrupts.deferred(raise_after=False):
+            cut = Outcome("FAIL", reason="interrupted", attrs={"fail_kind": "interrupted"})
+            _record(cut, trial, tracker, run_id, status="KILLED")
+        raise
+    with interrupts.deferred():
+        try:
+            _record(outcome, trial, tracker, run_id)
+        finally:
+            outcome.model = None
+            gc.collect()
     return outcome
 
 
-def _record(outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str) -> None:
+def _record(
+    outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str, status: str | None = None
+) -> None:
     tags = {"state": outcome.state}
     if outcome.state == "COMPLETE":
         # the kept weights' scores: `val_accuracy` here is the study's objective
@@ -231,7 +267,7 @@ def _record(outcome: Outcome, trial: Trial, tracker: Tracker, run_id: str) -> No
         outcome.attrs["error"] = tags["error"] = outcome.reason
     trial.set_attrs(outcome.attrs)
     trial.tell(outcome.state, outcome.value)
-    tracker.end_run(run_id, RUN_STATUS[outcome.state], tags)
+    tracker.end_run(run_id, status or RUN_STATUS[outcome.state], tags)
 
 
 def _epoch_counter():

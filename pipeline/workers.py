@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 import sys
 import time
 from typing import Any
 
+from pipeline import interrupts
 from pipeline.config import Config
 from pipeline.errors import UserError, redact
-from pipeline.processes import worker_id
+from pipeline.processes import PARENT_ENV, end_with_parent, worker_id
 from pipeline.studies import Study
 from pipeline.tracking import Tracker
-from pipeline.trial import Job, Outcome, run_trial
+from pipeline.trial import Job, Outcome, run_trial, start_trial
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,14 @@ def work(
     """Claim and run trials until none is waiting; returns how many ran here."""
     started, done, failures = time.monotonic(), 0, 0
     while max_trials is None or done < max_trials:
-        study.fail_dead_trials()
-        trial = study.claim()
-        if trial is None:
+        interrupts.check()  # a signal some library swallowed still stops the loop
+        with interrupts.deferred(raise_after=False):  # a claimed trial always gets its run
+            study.fail_dead_trials()
+            trial = study.claim()
+            claimed = trial and start_trial(job, trial, tracker, parent_id)
+        if not claimed:
             break
-        outcome = run_trial(job, trial, tracker, parent_id)
+        outcome = run_trial(job, claimed, tracker)
         done += 1
         log.info(progress_line(job, study, trial.number, outcome, started, done))
         failures = failures + 1 if outcome.state == "FAIL" else 0
@@ -113,19 +118,21 @@ def _command(job: Job, max_trials: int | None) -> list[str]:
 def _children(commands: list[list[str]]):
     """Start one process per command; whatever happens here, none outlives this block."""
     procs: list[subprocess.Popen] = []
+    env = {**os.environ, PARENT_ENV: str(os.getpid())}
     try:
-        procs += [subprocess.Popen(command) for command in commands]
+        procs += [subprocess.Popen(command, env=env) for command in commands]
         yield procs
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with interrupts.deferred(raise_after=False):  # give them time to clean up
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 def run_in_processes(job: Job, n_workers: int) -> None:
@@ -169,6 +176,7 @@ def main(
     config: Config, experiment: str, wait: float = 600.0, max_trials: int | None = None
 ) -> int:
     """`ablate worker`: join an existing study and run trials until its queue is empty."""
+    end_with_parent()
     job = Job.load(config, experiment)
     tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
     deadline = time.monotonic() + wait

@@ -1,0 +1,107 @@
+"""Interruption is normal: a real `ablate sweep` stopped by a signal while a trial trains
+leaves nothing RUNNING in Optuna or MLflow and exits 128 + the signal; the rerun trains
+exactly the grid points that have no finished trial, once each."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+import pytest
+from optuna.trial import TrialState
+from support import Project, wait_for
+
+import pipeline.train
+
+
+def _training(project: Project) -> int:
+    """The number of a RUNNING trial that has logged an epoch, once there is one."""
+
+    def found():
+        try:
+            study = project.study()
+        except (KeyError, ValueError):  # not created yet
+            return None
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            run_id = t.user_attrs.get("mlflow_run_id")
+            if run_id and project.client.get_metric_history(run_id, "epoch_loss"):
+                return t.number + 1  # truthy for trial 0 too
+        return None
+
+    return wait_for(found, 240, "no trial trained an epoch", project.logs) - 1
+
+
+@pytest.mark.parametrize(
+    "signum, workers",
+    [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGINT, 2)],
+    ids=["ctrl-c", "sigterm", "ctrl-c-two-workers"],
+)
+def test_a_signal_ends_the_trial_in_flight_and_leaves_nothing_running(
+    tmp_path, prepared_digits, signum, workers
+):
+    project = Project(tmp_path, prepared_digits)
+    project.add_experiment("padding")
+    # a trial far longer than the test: the signal lands while it trains
+    project.configure(sweep={"n_trials": 4, "n_workers": workers}, train={"epochs": 2000})
+    proc = project.start("sweep", "--experiment", "padding", name="sweep")
+    try:
+        victim = _training(project)
+        if workers == 1:
+            proc.send_signal(signum)  # `kill`, or a scheduler stopping the job
+        else:
+            os.killpg(proc.pid, signum)  # a terminal's Ctrl-C: the whole process group
+        assert project.wait(proc, timeout=120) == [128 + signum], project.logs()
+    finally:
+        project.stop_all()
+
+    study = project.study()
+    assert study.get_trials(states=(TrialState.RUNNING,)) == [], project.logs()
+    cut = study.trials[victim]
+    assert cut.state == TrialState.FAIL
+    assert (cut.user_attrs["error"], cut.user_attrs["fail_kind"]) == ("interrupted", "interrupted")
+    assert project.client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert project.parent(study).info.status == "KILLED"
+    assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
+
+
+def test_the_rerun_after_an_interruption_trains_every_grid_point_once(
+    tmp_path, prepared_digits, monkeypatch
+):
+    """Ctrl-C in the second trial (Python's KeyboardInterrupt, raised mid-training); the
+    rerun trains that point and the two never started, and nothing twice."""
+    project = Project(tmp_path, prepared_digits)
+    project.add_experiment("padding")
+    project.configure(sweep={"n_trials": 4, "n_workers": 1}, train={"epochs": 2})
+    monkeypatch.chdir(tmp_path)
+    real_train, calls = pipeline.train.train, []
+
+    def interrupted_in_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.train, "train", interrupted_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        project.sweep()
+    study = project.study()
+    assert Counter(t.state.name for t in study.get_trials()) == {
+        "COMPLETE": 1,
+        "FAIL": 1,
+        "WAITING": 2,
+    }
+    assert project.parent(study).info.status == "KILLED"
+
+    summary = project.sweep()
+
+    done = [
+        (t.params["padding"], t.params["seed"])
+        for t in study.get_trials()
+        if t.state == TrialState.COMPLETE
+    ]
+    assert sorted(done) == [("same", 0), ("same", 1), ("valid", 0), ("valid", 1)]
+    assert len(calls) == 5  # four points, one of them twice
+    assert (summary["n_complete"], summary["n_failed"], summary["n_interrupted"]) == (4, 0, 1)
+    assert project.parent(study).info.status == "FINISHED"
+    assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
