@@ -105,3 +105,28 @@ def test_the_rerun_after_an_interruption_trains_every_grid_point_once(
     assert (summary["n_complete"], summary["n_failed"], summary["n_interrupted"]) == (4, 0, 1)
     assert project.parent(study).info.status == "FINISHED"
     assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
+
+
+def test_workers_end_with_a_sweep_killed_outright(tmp_path, prepared_digits):
+    import psutil
+
+    project = Project(tmp_path, prepared_digits)
+    project.add_experiment("padding")
+    project.configure(sweep={"n_trials": 4, "n_workers": 2}, train={"epochs": 2000})
+    proc = project.start("sweep", "--experiment", "padding", name="sweep")
+    try:
+        victim = _training(project)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGKILL)  # the sweep alone: no chance to clean up
+        proc.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=120)
+        assert alive == [], project.logs()
+    finally:
+        project.stop_all()
+
+    study = project.study()
+    cut = study.trials[victim]
+    assert (cut.state, cut.user_attrs["fail_kind"]) == (TrialState.FAIL, "interrupted")
+    assert study.get_trials(states=(TrialState.RUNNING,)) == []
+    assert project.client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
