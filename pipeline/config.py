@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import yamlfile
 from pipeline.errors import UserError
 from pipeline.model import ModelConfig
 from pipeline.params import (
@@ -87,7 +88,7 @@ def read_params(path: str | Path) -> dict[str, Any]:
     """The raw mapping in `path`, with a clear error when it is missing or not YAML."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlfile.load(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path}: file not found; run from the repository root") from None
     except IsADirectoryError:

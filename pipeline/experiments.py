@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import yamlfile
 from pipeline.errors import UserError
 from pipeline.factors import FACTORS, base_levels
 from pipeline.model import ModelConfig
@@ -255,7 +256,7 @@ def load_experiment(
         known = sorted(p.stem for p in Path(folder).glob("*.yaml"))
         raise UserError(f"{path}: no such experiment; known: {', '.join(known) or 'none'}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yamlfile.load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML: {exc}".replace("\n", " ")) from None
     return parse_experiment(name, data, str(path), n_trials_override, base, train)

@@ -9,6 +9,7 @@ sections into one `Config`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -116,10 +117,10 @@ class DataParams:
     zip: str | None = None
 
     def __post_init__(self) -> None:
-        if not self.competition or "/" in self.competition or ":" in self.competition:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.competition or ""):
             raise ValueError(
                 f"competition {self.competition!r} must be the competition's short name as in "
-                "its URL, e.g. digit-recognizer (not the URL itself)"
+                "its URL, e.g. digit-recognizer: letters, digits and hyphens only"
             )
 
 

@@ -287,6 +287,19 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
     side = image_side(len(train_pixels), train_path, params.image_size)
 
     labels = integer_labels(train, train_label, train_path)
+    n_classes = int(labels.max()) + 1
+    missing = sorted(set(range(n_classes)) - set(labels.tolist()))
+    if n_classes < 2 or missing:
+        raise UserError(
+            f"{train_path}: column {train_label} must hold the classes 0..K-1, each at least "
+            f"once; "
+            + (
+                f"classes {missing} have no row (labels run 0..{n_classes - 1})"
+                if missing
+                else "every row has label 0, a single class"
+            )
+            + ": check the label column, or that the file is the competition's train.csv"
+        )
     x_all = to_images(numeric_block(train, train_pixels, train_path), side)
     x_test = to_images(numeric_block(test, test_pixels, test_path), side)
     sample_ids = unique_ids(sample[id_column], sample_path, id_column)
@@ -297,7 +310,6 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
     check_test_ids(test_ids, sample_ids, test_path, sample_path)
 
     x_train, x_val, x_hold, y_train, y_val, y_hold = split_train_val(x_all, labels, params)
-    n_classes = int(labels.max()) + 1
     held = (x_hold, y_hold) if len(y_hold) else ()  # no holdout: the hash of before
     meta = Meta(
         competition=competition,

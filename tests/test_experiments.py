@@ -142,7 +142,7 @@ MALFORMED = {
     "zero-repeats": ("factors: {padding: [same]}\nrepeats: 0\n", "repeats: expected an integer"),
     "text-repeats": ("factors: {padding: [same]}\nrepeats: three\n", "repeats"),
     "zero-n-trials": ("factors: {padding: [same]}\nn_trials: 0\n", "n_trials"),
-    "tpe-without-budget": ("factors: {padding: [same, valid]}\nsampler: tpe\n", "n_trials"),
+    "tpe-without-budget": ("factors: {padding: [same, valid]}\nsampler: tpe\nn_trials: 4\n", "n_trials"),
     "base-level-not-a-level": (
         "factors: {padding: [same, valid]}\nbase_level: {padding: full}\n",
         "base_level.padding: 'full' must be one of the levels",
@@ -393,3 +393,16 @@ def test_bad_learning_rates_are_refused_when_the_file_is_read(base, extra, messa
     spec = {"factors": {"padding": ["valid", "same"]}, **extra}
     with pytest.raises(UserError, match=message):
         parse_experiment("x", spec, "x.yaml", None, base)
+
+
+def test_numbers_in_exponent_form_are_numbers_in_every_yaml_file(tmp_path):
+    from pipeline.config import read_params
+
+    (tmp_path / "params.yaml").write_text("model:\n  learning_rate: 2e-3\n")
+    assert read_params(tmp_path / "params.yaml")["model"]["learning_rate"] == 0.002
+    (tmp_path / "rates.yaml").write_text(
+        "factors:\n  learning_rate: {low: 1e-4, high: 1E-2, log: true}\nsampler: tpe\nn_trials: 4\n"
+    )
+    experiment = load_experiment(tmp_path, "rates")
+    rate = experiment.factors["learning_rate"]
+    assert (rate.low, rate.high) == (0.0001, 0.01)

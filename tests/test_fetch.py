@@ -365,3 +365,11 @@ def test_unknown_source_names_the_key_and_the_choices(tmp_path, fake):
     assert "data.source" in line and "'s3'" in line
     assert "auto, kaggle, zip, embedded" in line
     assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize("name", [".", "..", "../x", "a b", ""])
+def test_a_competition_name_is_a_plain_name(name):
+    from pipeline.params import from_dict
+
+    with pytest.raises(UserError, match="letters, digits and hyphens"):
+        from_dict(DataParams, {"competition": name}, "params.yaml: data")

@@ -201,6 +201,16 @@ def _save(path: Path, lines: list[str]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def set_column(path: Path, column: str, value: str) -> None:
+    lines = _lines(path)
+    col = lines[0].split(",").index(column)
+    for i in range(1, len(lines)):
+        cells = lines[i].split(",")
+        cells[col] = value
+        lines[i] = ",".join(cells)
+    _save(path, lines)
+
+
 def set_cell(path: Path, line: int, column: str, value: str) -> None:
     lines = _lines(path)
     col = lines[0].split(",").index(column)
@@ -339,6 +349,11 @@ BAD_INPUTS = [
     ),
     Bad("label-missing-from-train", lambda f: drop_column(_p(f), "label"), ("train.csv", "label")),
     Bad("label-in-test", lambda f: add_column(_p(f, "test"), "Label", "3"), ("test.csv", "label")),
+    Bad(
+        "one-class-only",
+        lambda f: set_column(_p(f), "label", "3"),
+        ("train.csv", "column label", "classes [0, 1, 2] have no row"),
+    ),
     Bad(
         "bad-label",
         lambda f: set_cell(_p(f), 6, "label", "1.5"),
