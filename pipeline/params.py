@@ -15,8 +15,9 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,43 @@ class TrainParams:
             raise ValueError("rotation must be 0..180 degrees, shift and zoom fractions 0..1")
 
 
+TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "databricks")
+# where each store's password comes from instead of a URL in params.yaml (and so dvc.lock)
+PASSWORD_SOURCES = {
+    "http": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    "https": "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+    "postgresql": "PGPASSWORD or ~/.pgpass",
+    "mysql": "the MySQL client's ~/.my.cnf",
+    "redis": "REDIS_PASSWORD",
+    "rediss": "REDIS_PASSWORD",
+}
+
+
+def _no_inline_password(url: str) -> None:
+    """Refuse a URL that holds a password: params.yaml values are copied to dvc.lock."""
+    parts = urlsplit(url)
+    if parts.password:
+        scheme = parts.scheme.split("+")[0]
+        source = PASSWORD_SOURCES.get(scheme, "the environment, as its client supports")
+        raise ValueError(
+            f"{redact(url)} holds a password, which would be copied into dvc.lock and git; "
+            f"remove it from the URL and set {source} instead"
+        )
+
+
 @dataclass(frozen=True)
 class TrackingParams:
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "conv-ablation"
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.uri).scheme.split("+")[0]
+        if scheme not in TRACKING_SCHEMES:
+            raise ValueError(
+                f"{redact(self.uri)}: unknown scheme {scheme!r}; use e.g. "
+                "sqlite:///mlflow.db, http://host:5000 or a folder"
+            )
+        _no_inline_password(self.uri)
 
 
 @dataclass(frozen=True)
@@ -216,6 +250,7 @@ class SweepParams:
             raise ValueError("trials_per_process must be >= 1 or null (no limit)")
         if self.max_consecutive_failures < 1:
             raise ValueError("max_consecutive_failures must be >= 1")
+        _no_inline_password(self.storage)
         if self.max_retries < 0:
             raise ValueError("max_retries must be >= 0")
 

@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import json
 import logging
+import os
 import threading
 import warnings
 from typing import Any
@@ -51,7 +52,7 @@ def make_storage(url: str, heartbeat_seconds: int):
         if url.startswith(("redis://", "rediss://", "unix://")):
             from optuna.storages.journal import JournalRedisBackend
 
-            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+            return optuna.storages.JournalStorage(JournalRedisBackend(_redis_password(url)))
         if url.startswith("sqlite"):
             storage = RDBStorage(
                 url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
@@ -75,6 +76,18 @@ def make_storage(url: str, heartbeat_seconds: int):
         f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
         "mysql://... or redis://..."
     )
+
+
+def _redis_password(url: str) -> str:
+    """`url` with `REDIS_PASSWORD` from the environment, when it names none itself."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    password, parts = os.environ.get("REDIS_PASSWORD"), urlsplit(url)
+    if not password or parts.password or parts.scheme == "unix":
+        return url
+    user = quote(parts.username or "", safe="")
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _with_driver(url: str) -> str:
