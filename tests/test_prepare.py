@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,6 +179,18 @@ def test_cli_prepare_writes_outputs_that_load_back(workdir, make_competition, la
         "train.npz",
         "val.npz",
     ]
+
+
+def test_outputs_follow_the_users_umask(workdir, make_competition):
+    make_competition(workdir / RAW, "digit-recognizer")
+    old = os.umask(0o027)
+    try:
+        assert _ablate("prepare") == 0
+    finally:
+        os.umask(old)
+    assert PREPARED.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in PREPARED.iterdir()} == {0o640}
+    assert METRICS.stat().st_mode & 0o777 == 0o640
 
 
 def test_embedded_digits_prepare(embedded_raw):
