@@ -70,6 +70,10 @@ def write_embedded(dest: Path) -> None:
     sample.to_csv(dest / "sample_submission.csv", index=False)
 
 
+# What `prepare` reads from every competition.
+REQUIRED = ("train.csv", "test.csv", "sample_submission.csv")
+
+
 def extract_zip(zip_path: Path, dest: Path) -> None:
     """Unpack a competition zip into `dest`, flattening one top-level folder if present.
 
@@ -134,8 +138,12 @@ def fetch(data: DataParams, paths: Paths, env: Mapping[str, str] = os.environ) -
             extract_zip(Path(data.zip).expanduser(), tmp)
         else:
             download_kaggle(data.competition, tmp)
-        if not any(tmp.iterdir()):
-            raise UserError(f"fetch: source {source} gave no files")
+        missing = [name for name in REQUIRED if not (tmp / name).is_file()]
+        if missing:  # the raw data already there, if any, stays as it was
+            raise UserError(
+                f"fetch: source {source} gave no {', '.join(missing)} (a competition needs "
+                f"{', '.join(REQUIRED)}); {dest} is left as it was"
+            )
     return dest
 
 

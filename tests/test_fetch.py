@@ -275,6 +275,20 @@ def test_corrupt_zip_fails_cleanly_and_keeps_the_previous_output(tmp_path, conte
     assert (dest / "train.csv").read_text() == "good,old\n"
 
 
+def test_a_zip_without_test_csv_keeps_the_previous_output(tmp_path):
+    partial = tmp_path / "partial.zip"
+    partial.write_bytes(make_zip({k: v for k, v in DIGIT_FILES.items() if k != "test.csv"}))
+    dest = tmp_path / "raw" / COMPETITION
+    dest.mkdir(parents=True)
+    (dest / "train.csv").write_text("good,old\n")
+
+    with pytest.raises(UserError, match=r"gave no test.csv .* is left as it was"):
+        fetch(DataParams(source="zip", zip=str(partial)), Paths(raw=str(tmp_path / "raw")), env={})
+
+    assert [p.name for p in dest.iterdir()] == ["train.csv"]
+    assert (dest / "train.csv").read_text() == "good,old\n"
+
+
 def test_corrupt_zip_exits_2(tmp_path, fake):
     (tmp_path / "bad.zip").write_bytes(b"not a zip at all")
     write_fetch_params(tmp_path, source="zip", zip="bad.zip")
