@@ -101,6 +101,15 @@ class Tracker:
         client = MlflowClient(uri)
         try:
             found = client.get_experiment_by_name(experiment)
+            if found is not None and found.lifecycle_stage == "deleted":
+                # deleted in the UI: its runs are still there, and a new experiment of that
+                # name cannot be made until it is purged; bring it back, and say so
+                client.restore_experiment(found.experiment_id)
+                log.warning(
+                    "MLflow experiment %r was deleted; restored it (tracking.experiment names "
+                    "another to start afresh)",
+                    experiment,
+                )
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
         except Exception as exc:  # a race with another worker creating it, or a bad store
             found = client.get_experiment_by_name(experiment)

@@ -315,3 +315,18 @@ def test_server_stores_artifacts(server_run):
     assert server_run["checkpoint"].is_file()
     # Nothing was written next to the client: the server proxied every artifact.
     assert sorted(p.name for p in server_run["root"].iterdir()) == ["best.keras"]
+
+
+def test_an_experiment_deleted_in_the_ui_is_restored_with_a_warning(tmp_path, caplog):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker.connect(uri, "deleted-here")
+    run_id = first.start_run("before")
+    first.end_run(run_id)
+    MlflowClient(uri).delete_experiment(first.experiment_id)
+
+    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        again = Tracker.connect(uri, "deleted-here")
+    assert again.experiment_id == first.experiment_id
+    assert MlflowClient(uri).get_experiment(again.experiment_id).lifecycle_stage == "active"
+    assert "was deleted; restored it" in caplog.text
+    again.end_run(again.start_run("after"))  # runs go in again
