@@ -20,7 +20,7 @@ import yaml
 
 from pipeline import yamlfile
 from pipeline.errors import UserError
-from pipeline.factors import FACTORS, base_levels
+from pipeline.factors import FACTORS, apply_factors, base_levels
 from pipeline.model import ModelConfig
 from pipeline.params import TrainParams
 
@@ -215,6 +215,7 @@ def parse_experiment(
                 f"{where}: base_level.{factor}: {level!r} must be one of the "
                 f"levels of factors.{factor}"
             )
+    _check_levels(factors, base or ModelConfig(), train or TrainParams(), where)
     if base is not None and not base_level:
         base_level = base_levels(base, factors, train)
     return Experiment(
@@ -230,6 +231,18 @@ def parse_experiment(
         base_level,
         rates,
     )
+
+
+def _check_levels(factors: dict, base: ModelConfig, train: TrainParams, where: str) -> None:
+    """Each level (a range's ends) set alone on the base config: a value no config can
+    take (`dropout_rate: 1.5`) is refused when the file is read, not trial by trial."""
+    for factor, levels in factors.items():
+        values = (levels.low, levels.high) if isinstance(levels, Range) else levels
+        for value in values:
+            try:
+                apply_factors(base, train, {factor: value})
+            except ValueError as exc:
+                raise UserError(f"{where}: factors.{factor}: level {value!r}: {exc}") from None
 
 
 def _learning_rates(raw: Any, factors: dict, where: str) -> tuple[float, ...]:

@@ -142,7 +142,14 @@ MALFORMED = {
     "zero-repeats": ("factors: {padding: [same]}\nrepeats: 0\n", "repeats: expected an integer"),
     "text-repeats": ("factors: {padding: [same]}\nrepeats: three\n", "repeats"),
     "zero-n-trials": ("factors: {padding: [same]}\nn_trials: 0\n", "n_trials"),
-    "tpe-without-budget": ("factors: {padding: [same, valid]}\nsampler: tpe\nn_trials: 4\n", "n_trials"),
+    "impossible-level": (
+        "factors: {dropout_rate: [0.25, 1.5]}\n",
+        "factors.dropout_rate: level 1.5",
+    ),
+    "tpe-without-budget": (
+        "factors: {padding: [same, valid]}\nsampler: tpe\n",
+        "n_trials",
+    ),
     "base-level-not-a-level": (
         "factors: {padding: [same, valid]}\nbase_level: {padding: full}\n",
         "base_level.padding: 'full' must be one of the levels",
