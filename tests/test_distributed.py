@@ -290,3 +290,30 @@ def test_every_storage_names_the_value_after_the_objective_once(
 
     assert created.optuna.metric_names == reopened.optuna.metric_names == ["val_accuracy"]
     assert writes == []
+
+
+def test_a_claim_lost_to_another_handle_takes_the_next_trial(tmp_path, monkeypatch):
+    """Two handles on one storage, the second with a stale view of the queue (it listed
+    the WAITING trials before the first claimed one): the storage's state change lets one
+    claim win, so the second takes another trial, and the queue is never run twice."""
+    from pipeline.experiments import parse_experiment
+
+    experiment = parse_experiment(
+        "padding", {"factors": {"padding": ["valid", "same"]}, "repeats": 2}, "padding.yaml"
+    )
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = Study.open(url, "race", 10, experiment, create=True)
+    assert first.fill_queue(experiment) == 4
+    second = Study.open(url, "race", 10, experiment)
+    stale = second.optuna.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+
+    won = first.claim()
+    monkeypatch.setattr(second.optuna, "get_trials", lambda **kwargs: stale)
+    lost_then_next = second.claim()
+    monkeypatch.undo()
+
+    assert won.number == stale[0].number
+    assert lost_then_next.number == stale[1].number
+    rest = [first.claim(), second.claim()]
+    assert sorted(t.number for t in [won, lost_then_next, *rest]) == [0, 1, 2, 3]
+    assert first.claim() is None and second.claim() is None
