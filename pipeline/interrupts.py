@@ -5,7 +5,7 @@
 `deferred()` a signal is only noted and raised when the block ends, so bookkeeping that
 must not be cut in half (telling the study a trial's end, closing its MLflow run) finishes
 first. The signal is remembered, so `check()` raises it again even if some library caught
-the first one.
+the first one. Only the first signal raises: later ones would cut the cleanup it started.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ _depth = 0
 
 def _handle(signum, frame) -> None:
     global _received
-    if _received is None:
-        _received = signum
+    if _received is not None:  # already stopping: a second signal (the sweep terminating
+        return  # its workers after their Ctrl-C) must not cut the cleanup of the first
+    _received = signum
     if _depth == 0:
         raise Interrupted(signum)
 
