@@ -55,15 +55,28 @@ def check() -> None:
         raise Interrupted(_received)
 
 
+def hold() -> None:
+    """Defer signals until the matching `release()`."""
+    global _depth
+    _depth += 1
+
+
+def release(raise_after: bool = True) -> None:
+    """End a `hold()`; a signal that arrived meanwhile is raised now (with `raise_after`)."""
+    global _depth
+    _depth -= 1
+    if _depth == 0 and raise_after:
+        check()
+
+
 @contextlib.contextmanager
 def deferred(raise_after: bool = True):
     """Run the block to its end; a signal that arrives meanwhile is raised after it (or,
     with `raise_after` false, by the caller's next `check()`)."""
-    global _depth
-    _depth += 1
+    hold()
     try:
         yield
     finally:
-        _depth -= 1
-    if _depth == 0 and raise_after:
+        release(raise_after=False)
+    if raise_after:
         check()

@@ -195,7 +195,7 @@ class Started:
 
 def start_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Started:
     """Sample the claimed trial and open its MLflow run, a child of `parent_id`. The caller
-    defers signals around the claim and this (`interrupts.deferred`)."""
+    holds signals from the claim on (`interrupts.hold`); `run_trial` releases them."""
     values = trial.suggest(job.experiment)
     config, params, refused = configure(job, values)
     run_id = tracker.start_run(
@@ -217,10 +217,11 @@ def start_trial(job: Job, trial: Trial, tracker: Tracker, parent_id: str) -> Sta
 def run_trial(job: Job, started: Started, tracker: Tracker) -> Outcome:
     """Train (or reuse) a started trial and tell the study and MLflow how it ended. A
     signal meanwhile ends it FAIL with reason `interrupted` (its run KILLED), then goes on
-    up; the study's end and the run's are never cut in half."""
+    up; the study's end and the run's are never cut in half. The caller holds signals
+    (`interrupts.hold()`) from the claim on; this releases them where it can clean up."""
     trial, run_id = started.trial, started.run_id
     try:
-        interrupts.check()
+        interrupts.release()  # a signal since the claim is raised here, and handled
         if started.refused:
             outcome = _rejected(started.refused)
         elif started.found is not None:

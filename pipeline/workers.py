@@ -36,13 +36,18 @@ def work(
     started, done, failures = time.monotonic(), 0, 0
     while max_trials is None or done < max_trials:
         interrupts.check()  # a signal some library swallowed still stops the loop
-        with interrupts.deferred(raise_after=False):  # a claimed trial always gets its run
+        claimed = None
+        interrupts.hold()  # from the claim on, a signal waits for run_trial to clean up
+        try:
             study.fail_dead_trials()
             trial = study.claim()
             claimed = trial and start_trial(job, trial, tracker, parent_id)
+        finally:
+            if not claimed:
+                interrupts.release(raise_after=False)
         if not claimed:
             break
-        outcome = run_trial(job, claimed, tracker)
+        outcome = run_trial(job, claimed, tracker)  # releases the hold
         done += 1
         log.info(progress_line(job, study, trial.number, outcome, started, done))
         failures = failures + 1 if outcome.state == "FAIL" else 0
