@@ -72,15 +72,20 @@ class Config:
         """This config with the command line's `--storage`, `--tracking-uri` and
         `--n-workers` in place of the file's values (None keeps the file's)."""
         sweep, tracking = self.sweep, self.tracking
-        if storage is not None:
-            sweep = dataclasses.replace(sweep, storage=storage)
-        if n_workers is not None:
+        for flag, value, section, field in (
+            ("--storage", storage, "sweep", "storage"),
+            ("--n-workers", n_workers, "sweep", "n_workers"),
+            ("--tracking-uri", tracking_uri, "tracking", "uri"),
+        ):
+            if value is None:
+                continue
             try:
-                sweep = dataclasses.replace(sweep, n_workers=n_workers)
+                if section == "sweep":
+                    sweep = dataclasses.replace(sweep, **{field: value})
+                else:
+                    tracking = dataclasses.replace(tracking, **{field: value})
             except ValueError as exc:
-                raise UserError(f"--n-workers: {exc}") from None
-        if tracking_uri is not None:
-            tracking = dataclasses.replace(tracking, uri=tracking_uri)
+                raise UserError(f"{flag}: {exc}") from None
         return dataclasses.replace(self, sweep=sweep, tracking=tracking)
 
 

@@ -197,10 +197,11 @@ def _no_inline_password(url: str) -> None:
     parts = urlsplit(url)
     if parts.password:
         scheme = parts.scheme.split("+")[0]
-        source = PASSWORD_SOURCES.get(scheme, "the environment, as its client supports")
+        source = PASSWORD_SOURCES.get(scheme)
+        instead = f"set {source} instead" if source else "pass it as its client allows"
         raise ValueError(
-            f"{redact(url)} holds a password, which would be copied into dvc.lock and git; "
-            f"remove it from the URL and set {source} instead"
+            f"{redact(url)} holds a password, which would be copied into dvc.lock and git "
+            f"(or shown by ps); remove it from the URL and {instead}"
         )
 
 

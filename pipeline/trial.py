@@ -109,6 +109,7 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
     except Pruned as exc:
         return Outcome("PRUNED", reason=str(exc) or "pruned", attrs={"epochs_run": counter.epochs})
     except Exception as exc:
+        interrupts.check()  # a signal that TensorFlow turned into an error of its own
         log.debug("trial failed", exc_info=True)
         return Outcome(
             "FAIL",

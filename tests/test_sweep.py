@@ -615,8 +615,14 @@ def test_sweep_of_an_unknown_experiment(workdir, capsys):
 
 
 def test_sweep_with_an_unknown_storage(workdir, capsys):
+    code = workdir.cli("sweep", "--experiment", "padding", "--storage", "mongodb://u@host/db")
+    assert code == cli.EXIT_USER_ERROR
+    assert "sweep.storage 'mongodb://u@host/db'" in capsys.readouterr().err
+
+
+def test_a_password_on_the_command_line_is_refused_unprinted(workdir, capsys):
     code = workdir.cli("sweep", "--experiment", "padding", "--storage", "mongodb://u:pw@host/db")
     assert code == cli.EXIT_USER_ERROR
-    err = capsys.readouterr().err
-    assert "sweep.storage 'mongodb://u:***@host/db'" in err
-    assert "pw" not in err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: --storage: mongodb://u:***@host/db holds a password")
+    assert ":pw@" not in line
