@@ -1,4 +1,4 @@
-"""Optuna behind one door: the only module that imports it.
+"""Optuna behind one door: with `pipeline.storages`, the only module that imports it.
 
 A `Study` is one experiment's study in a storage (SQLite, PostgreSQL/MySQL with Optuna's
 heartbeat, or Redis through the journal storage). Its whole budget is queued up front as
@@ -13,11 +13,8 @@ shared storages, queued again once. The rest of the pipeline gets plain values b
 from __future__ import annotations
 
 import contextlib
-import copy
-import importlib.util
 import json
 import logging
-import os
 import threading
 import warnings
 from typing import Any
@@ -25,10 +22,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.errors import Pruned, UserError, redact
+from pipeline.errors import Pruned, UserError
 from pipeline.experiments import Experiment, suggest
 from pipeline.processes import died_here, worker_id
 from pipeline.records import TrialRecord
+from pipeline.storages import make_storage, requeue
 
 log = logging.getLogger(__name__)
 
@@ -41,71 +39,6 @@ CUT_SHORT = ("interrupted", "died")
 
 def _cut_short(trial) -> bool:
     return trial.state == TrialState.FAIL and trial.user_attrs.get("fail_kind") in CUT_SHORT
-
-
-# -- storages -------------------------------------------------------------------------------
-def make_storage(url: str, heartbeat_seconds: int):
-    """An Optuna storage for `url`; a connection or driver problem is a `UserError`."""
-    from optuna.storages import RDBStorage
-
-    try:
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            from optuna.storages.journal import JournalRedisBackend
-
-            return optuna.storages.JournalStorage(JournalRedisBackend(_redis_password(url)))
-        if url.startswith("sqlite"):
-            storage = RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
-            )
-            _lock_on_begin(storage.engine)
-            return storage
-        if url.startswith(("postgresql", "mysql")):
-            return RDBStorage(
-                _with_driver(url),
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=3 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=_requeue,
-            )
-    except Exception as exc:  # connection refused, bad credentials, missing driver
-        raise UserError(
-            f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
-    raise UserError(
-        f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
-        "mysql://... or redis://..."
-    )
-
-
-def _redis_password(url: str) -> str:
-    """`url` with `REDIS_PASSWORD` from the environment, when it names none itself."""
-    from urllib.parse import quote, urlsplit, urlunsplit
-
-    password, parts = os.environ.get("REDIS_PASSWORD"), urlsplit(url)
-    if not password or parts.password or parts.scheme == "unix":
-        return url
-    user = quote(parts.username or "", safe="")
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
-
-
-def _with_driver(url: str) -> str:
-    """SQLAlchemy >= 2.1 reads a bare `postgresql://` as psycopg 3; this project installs
-    psycopg2, so name it unless psycopg 3 is there."""
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
-        return "postgresql+psycopg2://" + url[len("postgresql://") :]
-    return url
-
-
-def _lock_on_begin(engine) -> None:
-    """SQLite: every transaction takes the write lock when it begins (BEGIN IMMEDIATE).
-
-    pysqlite otherwise begins at the first write, so two processes could both read a trial
-    as WAITING and both mark it RUNNING: `claim` would hand one trial to two workers."""
-    from sqlalchemy import event
-
-    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _name_objective(study, objective: str) -> None:
@@ -286,7 +219,7 @@ class Study:
                 continue
             failed.append(trial.number)
             if self.shared:
-                _requeue(self.optuna, self.optuna.trials[trial.number])
+                requeue(self.optuna, self.optuna.trials[trial.number])
         if failed:
             log.warning("trials %s were left RUNNING by a dead worker: marked FAIL", failed)
         return failed
@@ -385,19 +318,3 @@ class Trial:
         finally:
             stop.set()
             thread.join()
-
-
-# -- dead workers --------------------------------------------------------------------------
-def _requeue(study, trial) -> None:
-    """Queue a dead worker's trial again, once (Optuna's retry), without the attributes of
-    the dead run: a retry still naming its dead worker would look dead itself between its
-    claim and its new worker writing its own id, and be failed again by another worker."""
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-    trial = copy.copy(trial)
-    trial.user_attrs = {
-        k: v for k, v in trial.user_attrs.items() if k not in ("worker", "error", "mlflow_run_id")
-    }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)

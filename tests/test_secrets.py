@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.studies import _redis_password
+from pipeline.storages import _redis_password
 
 SECRET = "hunter2"
 
