@@ -17,10 +17,8 @@ Run: `ablate report` (or `dvc repro report`).
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +26,11 @@ from pipeline import plots
 from pipeline.errors import UserError
 from pipeline.experiments import Experiment
 from pipeline.fsutil import atomic_path, write_json
+from pipeline.outputs import flat_summary, to_html
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.selection import finished_studies
 from pipeline.stats import (
-    LevelStats,
-    compare,
     judge,
     pareto_front,
 )
@@ -44,6 +41,7 @@ from pipeline.tables import (
     fmt,
     interval_text,
     method_note,
+    regularization_answer,
     summary_table,
     verdict_text,
 )
@@ -52,42 +50,6 @@ if TYPE_CHECKING:
     from pipeline.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n_tests: int = 1):
-    """The course's claim: dropout and batch normalisation may not work well together.
-    `both` is compared with the better of the two alone, paired by seed, and judged with
-    a Bonferroni share of the report's error rate (`n_tests` comparisons plus this one)."""
-    by = {s.level: s for s in stats}
-    needed = ("dropout", "batchnorm", "both")
-    if any(by.get(k) is None or by[k].n < 2 for k in needed):
-        return "Too few complete trials to compare dropout, batchnorm and both (two each needed)."
-    alone = max((by["dropout"], by["batchnorm"]), key=lambda s: s.mean)
-
-    def seeds(level):
-        return {
-            t.params.get("seed", t.number): t.value
-            for t in records
-            if t.state == "COMPLETE" and str(t.params.get("regularization")) == level
-        }
-
-    found = compare(seeds("both"), seeds(alone.level))
-    p = min(1.0, found.p_value * (n_tests + 1))
-    verdict = (
-        "no different from" if p >= 0.05 else ("worse than" if found.effect < 0 else "better than")
-    )
-    return (
-        f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average "
-        f"over {by['both'].n} trials, {verdict} the better of the two alone ({alone.level}: "
-        f"{alone.mean:.4f} over {alone.n}): difference {found.effect:+.4f}, 95% interval "
-        f"[{found.ci_low:+.4f}, {found.ci_high:+.4f}] ({found.method}; p = {p:.3f} after "
-        f"Bonferroni over {n_tests + 1} comparisons). "
-        + (
-            "Here the course's warning holds."
-            if verdict == "worse than"
-            else "Here the course's warning does not show."
-        )
-    )
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -281,55 +243,6 @@ def build_report(
         lines += section
         results[name] = summary
     return "\n".join(lines) + "\n", results
-
-
-def flat_summary(results: dict[str, Any]) -> dict[str, float]:
-    """Numbers only, one level deep: each study's best value, each level's effect against
-    its base and whether it is real (1) or not (0), the submission's held-out accuracy."""
-    flat: dict[str, float] = {}
-    for name, summary in results.items():
-        if summary.get("best_value") is not None:
-            flat[f"{name}.best"] = round(summary["best_value"], 5)
-        for level, row in summary.get("levels", {}).items():
-            if row.get("effect") is not None:
-                flat[f"{name}.{level}.effect"] = round(row["effect"], 5)
-            if row.get("real_effect") is not None:
-                flat[f"{name}.{level}.real"] = int(row["real_effect"])
-    for name, row in results.get("heldout", {}).items():
-        if name.startswith("submission"):
-            flat["submission.holdout_accuracy"] = round(row["holdout_accuracy"], 5)
-    return flat
-
-
-def to_html(markdown: str, folder: Path, title: str = "Conv2D ablation report") -> str:
-    """`markdown` as one HTML page whose images (relative to `folder`) are embedded, so
-    that it renders anywhere, MLflow's sandboxed artifact viewer included."""
-    from markdown_it import MarkdownIt
-
-    def embed(match: re.Match) -> str:
-        image = folder / match.group(2)
-        if not image.is_file():
-            return match.group(0)
-        data = base64.b64encode(image.read_bytes()).decode()
-        return f"![{match.group(1)}](data:image/png;base64,{data})"
-
-    body = (
-        MarkdownIt("commonmark")
-        .enable("table")
-        .render(re.sub(r"!\[([^\]]*)\]\(([^)\s:]+\.png)\)", embed, markdown))
-    )
-    return (
-        "<!doctype html>\n<html><head><meta charset='utf-8'>"
-        f"<title>{title}</title><style>{_CSS}</style></head>\n<body>\n{body}</body></html>\n"
-    )
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-    "color:#222}table{border-collapse:collapse;margin:1em 0;font-size:14px}"
-    "th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f3f3f3}"
-    "img{max-width:100%;display:block;margin:1em 0}"
-)
 
 
 def heldout_section(config: Config, studies: dict) -> tuple[list[str], dict[str, Any]]:

@@ -145,7 +145,7 @@ def level_effects(
         if factor in trial.params:
             levels.setdefault(str(trial.params[factor]), []).append(trial)
     base_key = str(base_level)
-    base_by_seed = _by_seed(levels.get(base_key, []))
+    base_by_seed = by_seed(levels.get(base_key, []))
     stats = []
     for level, group in levels.items():
         values = [t.value for t in group if t.state == "COMPLETE"]
@@ -161,7 +161,7 @@ def level_effects(
             macs=next((t.macs for t in group if t.macs), None),
         )
         if level != base_key:
-            found = compare(_by_seed(group), base_by_seed, confidence)
+            found = compare(by_seed(group), base_by_seed, confidence)
             if found is None:
                 row = replace(row, verdict=TOO_FEW, effect=_mean_diff(values, base_by_seed))
             else:
@@ -171,7 +171,7 @@ def level_effects(
     return judge([stats], confidence, min_effect)[0] if judged else stats
 
 
-def _by_seed(trials: list[TrialRecord]) -> dict[Any, float]:
+def by_seed(trials: list[TrialRecord]) -> dict[Any, float]:
     """Complete trials' values by seed (the mean where a seed ran more than once); a trial
     without a seed counts as a seed of its own."""
     grouped: dict[Any, list[float]] = {}

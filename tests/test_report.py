@@ -11,10 +11,12 @@ import optuna
 import pytest
 
 from pipeline.experiments import parse_experiment
+from pipeline.outputs import flat_summary, to_html
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
-from pipeline.report import build_report, flat_summary, regularization_answer, to_html
+from pipeline.report import build_report
 from pipeline.stats import at_best_rates, level_effects, pareto_front
+from pipeline.tables import regularization_answer
 
 SETTINGS = types.SimpleNamespace(confidence=0.95, min_effect=0.001)
 HISTORY = {
