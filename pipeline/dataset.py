@@ -3,6 +3,7 @@ reads, as arrays plus the `Meta` that describes them."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,3 +117,12 @@ def split_for_seed(data: Dataset, seed: int) -> Dataset:
         data.x_holdout,
         data.y_holdout,
     )
+
+
+def data_hash(*arrays: np.ndarray) -> str:
+    """A short hash of the arrays' shapes and bytes: `Meta.data_hash`."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]

@@ -13,7 +13,6 @@ Run: `ablate prepare` (or `dvc repro prepare`).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipeline.dataset import Dataset, Meta, save_prepared
+from pipeline.dataset import Dataset, Meta, data_hash, save_prepared
 from pipeline.errors import UserError
 from pipeline.fsutil import write_json
 from pipeline.params import PrepareParams
@@ -156,7 +155,7 @@ def numeric_block(frame: pd.DataFrame, columns: list[str], path: Path) -> np.nda
 
 
 def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    """The label column as int64 (class indices 0..K-1)."""
+    """The label column as int64 class indices: the classes 0..K-1, K >= 2, each present."""
     raw = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(raw) | (raw != np.round(raw)) | (raw < 0)
     if bad.any():
@@ -165,7 +164,21 @@ def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
             f"{path}: line {_line(row)}, column {column}: {_shown(frame[column].iloc[row])} is not "
             "a class label; labels must be integers 0, 1, 2, ..."
         )
-    return raw.astype(np.int64)
+    labels = raw.astype(np.int64)
+    n_classes = int(labels.max()) + 1
+    missing = sorted(set(range(n_classes)) - set(labels.tolist()))
+    if n_classes < 2 or missing:
+        raise UserError(
+            f"{path}: column {column} must hold the classes 0..K-1, each at least "
+            f"once; "
+            + (
+                f"classes {missing} have no row (labels run 0..{n_classes - 1})"
+                if missing
+                else "every row has label 0, a single class"
+            )
+            + ": check the label column, or that the file is the competition's train.csv"
+        )
+    return labels
 
 
 def unique_ids(values: pd.Series, path: Path, column: str) -> np.ndarray:
@@ -249,14 +262,6 @@ def _split(x: np.ndarray, y: np.ndarray, n_out: int, params: PrepareParams, name
     return train_test_split(x, y, test_size=n_out, random_state=params.seed, stratify=y)
 
 
-def data_hash(*arrays: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(str(array.shape).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
-
-
 def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dataset, dict]:
     """Validate the raw CSVs and build the dataset plus its summary metrics."""
     train_path, test_path = raw_dir / "train.csv", raw_dir / "test.csv"
@@ -288,18 +293,6 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
 
     labels = integer_labels(train, train_label, train_path)
     n_classes = int(labels.max()) + 1
-    missing = sorted(set(range(n_classes)) - set(labels.tolist()))
-    if n_classes < 2 or missing:
-        raise UserError(
-            f"{train_path}: column {train_label} must hold the classes 0..K-1, each at least "
-            f"once; "
-            + (
-                f"classes {missing} have no row (labels run 0..{n_classes - 1})"
-                if missing
-                else "every row has label 0, a single class"
-            )
-            + ": check the label column, or that the file is the competition's train.csv"
-        )
     x_all = to_images(numeric_block(train, train_pixels, train_path), side)
     x_test = to_images(numeric_block(test, test_pixels, test_path), side)
     sample_ids = unique_ids(sample[id_column], sample_path, id_column)
