@@ -27,7 +27,7 @@ from pipeline.fsutil import atomic_path, write_json
 from pipeline.model import flatten_config
 from pipeline.studies import Study
 from pipeline.tracking import Tracker, provenance
-from pipeline.trial import CHECKPOINT, RUN_STATUS, Job
+from pipeline.trial import CHECKPOINT, RUN_STATUS, Job, label
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
         },
         description=(
             f"Best of study {job.experiment.name}: trial {best.number} "
-            f"({_label(best.params)}), {objective} {best.value:.4f}."
+            f"({label(best.params)}), {objective} {best.value:.4f}."
         ),
     )
     summary["parent_run_id"] = parent_id
@@ -204,10 +204,6 @@ def finalize(job: Job, study: Study, tracker: Tracker, parent_id: str) -> dict[s
     write_json(paths.sweep_scores(job.experiment.name), scores)
     write_json(paths.sweep_metrics(job.experiment.name), summary)
     return summary
-
-
-def _label(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def _describe_parent(job: Job, study: Study, tracker: Tracker, parent_id: str) -> None:
@@ -244,6 +240,6 @@ def _describe_parent(job: Job, study: Study, tracker: Tracker, parent_id: str) -
             f"**{experiment.name}**: {experiment.description}. {len(done)} complete, "
             f"{sum(r.state == 'PRUNED' for r in records)} pruned, "
             f"{sum(r.state == 'FAIL' for r in records)} failed. Best {experiment.objective} "
-            f"{best.value:.4f} (trial {best.number}): {_label(best.params)}.\n"
+            f"{best.value:.4f} (trial {best.number}): {label(best.params)}.\n"
         )
     tracker.set_tags(parent_id, {"mlflow.note.content": text})

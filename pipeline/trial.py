@@ -157,8 +157,11 @@ def reused(job: Job, found: TrialRecord) -> Outcome:
 def run_name(experiment: Experiment, number: int, values: dict[str, Any]) -> str:
     """A grid trial's run is named by what it varies (`padding=valid seed=1`); a sampled
     trial's by its study and number (`joint #7`): its values are its params."""
-    if not experiment.is_grid:
-        return f"{experiment.name} #{number}"
+    return label(values) if experiment.is_grid else f"{experiment.name} #{number}"
+
+
+def label(values: dict[str, Any]) -> str:
+    """`padding=valid seed=1`: sampled values as a trial's name shows them."""
     return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
