@@ -183,7 +183,6 @@ def main(
     """`ablate worker`: join an existing study and run trials until its queue is empty."""
     end_with_parent()
     job = Job.load(config, experiment)
-    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
     deadline = time.monotonic() + wait
     while True:
         with contextlib.suppress(KeyError):
@@ -197,6 +196,9 @@ def main(
                 "data) first"
             )
         time.sleep(2.0)
+    # Only now: the sweep has set up the tracking store (on a new SQLite file, two
+    # processes creating its tables at once collide).
+    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
     ran = work(job, study, tracker, study.parent_run_id, max_trials)
     log.info("worker %s: ran %d trial(s) of study %s", worker_id(), ran, study.name)
     return ran
