@@ -8,6 +8,7 @@ credentials) print one line and exit with status 2; nothing is half-written.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from pipeline.errors import UserError
 from pipeline.interrupts import Interrupted, install
 
 EXIT_USER_ERROR = 2
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _add_params(parser: argparse.ArgumentParser) -> None:
@@ -217,6 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(
+            f"error: {exc.strerror}{where}: free some space and run it again; finished "
+            "work is kept (outputs are written whole or not at all)",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
     return 0
 
 

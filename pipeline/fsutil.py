@@ -44,6 +44,10 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, dest)
+    except OSError as exc:
+        if exc.filename in (None, str(tmp)):
+            exc.filename = str(dest)  # name the file the user knows, not our temporary one
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -15,6 +15,7 @@ Run: `ablate sweep --experiment padding` (or `dvc repro sweep@padding`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from pathlib import Path
@@ -75,7 +76,12 @@ def main(config: Config, experiment: str) -> dict[str, Any]:
             tracker.end_run(parent_id, "KILLED", {"error": "interrupted"})
         raise
     close_orphan_runs(tracker, study, parent_id)
-    summary = finalize(job, study, tracker, parent_id)
+    try:
+        summary = finalize(job, study, tracker, parent_id)
+    except OSError as exc:  # a full disk: the trials are kept; the rerun finalizes
+        with contextlib.suppress(Exception):  # the store may sit on the same full disk
+            tracker.end_run(parent_id, "FAILED", {"error": f"finalize: {exc.strerror}"})
+        raise
     log.info(
         "sweep %s: best %s %.4f (trial %d); %d complete, %d pruned, %d failed",
         experiment,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from optuna.trial import TrialState
@@ -15,8 +17,9 @@ from support import Project, wait_for
 import pipeline.train
 
 
-def _training(project: Project) -> int:
-    """The number of a RUNNING trial that has logged an epoch, once there is one."""
+def _training(project: Project, pid: int | None = None) -> int:
+    """The number of a RUNNING trial that has logged an epoch (in process `pid`, when
+    given), once there is one."""
 
     def found():
         try:
@@ -24,6 +27,8 @@ def _training(project: Project) -> int:
         except (KeyError, ValueError):  # not created yet
             return None
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if pid is not None and not t.user_attrs.get("worker", "").endswith(f":{pid}"):
+                continue
             run_id = t.user_attrs.get("mlflow_run_id")
             if run_id and project.client.get_metric_history(run_id, "epoch_loss"):
                 return t.number + 1  # truthy for trial 0 too
@@ -62,6 +67,34 @@ def test_a_signal_ends_the_trial_in_flight_and_leaves_nothing_running(
     assert (cut.user_attrs["error"], cut.user_attrs["fail_kind"]) == ("interrupted", "interrupted")
     assert project.client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert project.parent(study).info.status == "KILLED"
+    assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
+
+
+def test_a_hangup_ends_a_worker_alone_and_its_trial(tmp_path, prepared_digits):
+    """`ablate worker` on another terminal that closes (SIGHUP): its trial ends FAIL
+    "interrupted" and its run KILLED, while the sweep's own trial trains on."""
+    project = Project(tmp_path, prepared_digits)
+    project.add_experiment("padding")
+    project.configure(sweep={"n_trials": 4, "n_workers": 1}, train={"epochs": 2000})
+    sweep = project.start("sweep", "--experiment", "padding", name="sweep")
+    worker = project.start("worker", "--experiment", "padding", name="worker")
+    try:
+        victim = _training(project, worker.pid)
+        worker.send_signal(signal.SIGHUP)
+        assert project.wait(worker, timeout=120) == [128 + signal.SIGHUP], project.logs()
+        study = project.study()
+        assert study.trials[victim].state == TrialState.FAIL
+        assert sweep.poll() is None  # the sweep is not the worker's to stop
+        sweep.send_signal(signal.SIGTERM)
+        assert project.wait(sweep, timeout=120) == [128 + signal.SIGTERM], project.logs()
+    finally:
+        project.stop_all()
+
+    study = project.study()
+    cut = study.trials[victim]
+    assert (cut.user_attrs["error"], cut.user_attrs["fail_kind"]) == ("interrupted", "interrupted")
+    assert project.client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert study.get_trials(states=(TrialState.RUNNING,)) == []
     assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
 
 
@@ -130,3 +163,63 @@ def test_workers_end_with_a_sweep_killed_outright(tmp_path, prepared_digits):
     assert (cut.state, cut.user_attrs["fail_kind"]) == (TrialState.FAIL, "interrupted")
     assert study.get_trials(states=(TrialState.RUNNING,)) == []
     assert project.client.get_run(cut.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs at `tmp_path/disk` (root only: skipped elsewhere); unmounted after."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> None:
+    with open(disk / "filler", "wb", buffering=0) as out, pytest.raises(OSError, match="No space"):
+        while True:
+            out.write(b"\0" * 1024)
+
+
+def test_a_full_disk_at_the_end_loses_nothing_and_the_rerun_finishes(
+    tmp_path, prepared_digits, small_disk, capsys
+):
+    """The disk that holds the models fills up while the sweep saves its best model: one
+    line, exit 2, nothing RUNNING; after space is freed the rerun trains nothing and
+    finishes, registering the champion once."""
+    project = Project(tmp_path, prepared_digits)
+    project.add_experiment("padding")
+    project.configure(
+        paths={"models": str(small_disk / "models")},
+        sweep={"n_trials": 2},
+        train={"epochs": 2},
+    )
+    (small_disk / "models" / "sweeps").mkdir(parents=True)
+    _fill(small_disk)
+    capsys.readouterr()
+
+    assert project.cli("sweep", "--experiment", "padding") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: No space left on device writing "), err
+    assert "models/sweeps/padding" in err and "free some space" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    study = project.study()
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert project.parent(study).info.status == "FAILED"
+    assert [r.info.run_name for r in project.runs() if r.info.status == "RUNNING"] == []
+    assert not list((small_disk / "models").rglob("*.keras"))
+
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert project.cli("sweep", "--experiment", "padding") == 0
+
+    assert len(project.study().trials) == 2  # nothing trained again
+    assert project.parent(study).info.status == "FINISHED"
+    assert project.metrics()["n_complete"] == 2
+    assert (small_disk / "models" / "sweeps" / "padding" / "best.keras").is_file()
+    versions = project.client.search_model_versions("name LIKE '%-padding'")
+    assert len(versions) == 1
