@@ -132,6 +132,9 @@ class PrepareParams:
     image_size: int | None = None
     # labelled rows no selection ever sees: the final model's expected score (0: none)
     holdout_fraction: float = 0.0
+    # a class with fewer rows than this share of the median class's is refused as a
+    # likely stray label (a 10 among the digits 0..9); 0 accepts any class size
+    min_class_share: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -140,6 +143,8 @@ class PrepareParams:
             raise ValueError("holdout_fraction must be >= 0 and leave rows for training")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError("must be a positive integer or null (infer from pixel count)")
+        if not 0.0 <= self.min_class_share <= 1.0:
+            raise ValueError("min_class_share must be between 0 and 1, e.g. 0.1")
 
 
 Split = Literal["fixed", "per_seed"]
@@ -167,6 +172,9 @@ class TrainParams:
     # redraws it (stratified, same size) from the same images, so repeats vary the data
     # as well as the weights, and every level sees the same split for the same seed
     split: Split = "fixed"
+    # batch norm's moving-average momentum (Keras's default 0.99); with about a hundred
+    # steps an epoch, 0.99 leaves the inference statistics behind the weights for epochs
+    bn_momentum: float = 0.99
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -178,6 +186,8 @@ class TrainParams:
             raise ValueError("min_epochs must be between 0 and epochs")
         if not (0 <= self.rotation <= 180 and 0 <= self.shift < 1 and 0 <= self.zoom < 1):
             raise ValueError("rotation must be 0..180 degrees, shift and zoom fractions 0..1")
+        if not 0 < self.bn_momentum < 1:
+            raise ValueError("bn_momentum must be between 0 and 1 (exclusive)")
 
 
 TRACKING_SCHEMES = ("", "file", "sqlite", "http", "https", "postgresql", "mysql", "databricks")

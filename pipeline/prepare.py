@@ -154,8 +154,11 @@ def numeric_block(frame: pd.DataFrame, columns: list[str], path: Path) -> np.nda
     return values
 
 
-def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
-    """The label column as int64 class indices: the classes 0..K-1, K >= 2, each present."""
+def integer_labels(
+    frame: pd.DataFrame, column: str, path: Path, min_class_share: float = 0.0
+) -> np.ndarray:
+    """The label column as int64 class indices: the classes 0..K-1, K >= 2, each present
+    with at least `min_class_share` of the median class's rows."""
     raw = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.isnan(raw) | (raw != np.round(raw)) | (raw < 0)
     if bad.any():
@@ -177,6 +180,16 @@ def integer_labels(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
                 else "every row has label 0, a single class"
             )
             + ": check the label column, or that the file is the competition's train.csv"
+        )
+    counts = np.bincount(labels)
+    median = float(np.median(counts))
+    stray = [k for k, n in enumerate(counts) if n < min_class_share * median]
+    if stray:
+        shown = ", ".join(f"{k} ({counts[k]} row{'' if counts[k] == 1 else 's'})" for k in stray)
+        raise UserError(
+            f"{path}: column {column}: class{'es' if len(stray) > 1 else ''} {shown} against "
+            f"a median of {median:g} rows per class look like stray labels; fix or drop "
+            "those rows, or set prepare.min_class_share: 0 in params.yaml to keep them"
         )
     return labels
 
@@ -291,7 +304,7 @@ def prepare(raw_dir: Path, competition: str, params: PrepareParams) -> tuple[Dat
         )
     side = image_side(len(train_pixels), train_path, params.image_size)
 
-    labels = integer_labels(train, train_label, train_path)
+    labels = integer_labels(train, train_label, train_path, params.min_class_share)
     n_classes = int(labels.max()) + 1
     x_all = to_images(numeric_block(train, train_pixels, train_path), side)
     x_test = to_images(numeric_block(test, test_pixels, test_path), side)

@@ -461,6 +461,29 @@ def test_bad_input_is_rejected(workdir, make_competition, write_params, capsys, 
     assert not any(p.name.startswith(".prepared") for p in Path("data").iterdir())
 
 
+def test_stray_labels_are_refused_unless_the_user_keeps_them(
+    workdir, embedded_raw, write_params, capsys
+):
+    """Six rows labelled 10 among the digits 0..9 make an eleventh class of 6 rows against
+    about 144 per class: refused by default, naming the class; kept on request."""
+    for line in range(2, 8):
+        set_cell(_p(embedded_raw), line, "label", "10")
+    capsys.readouterr()
+
+    assert _ablate("prepare") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for fragment in ("train.csv", "column label", "class 10 (6 rows)", "prepare.min_class_share"):
+        assert fragment in err
+    assert not PREPARED.exists()
+
+    write_params(
+        workdir / "params.yaml", data={"source": "embedded"}, prepare={"min_class_share": 0}
+    )
+    assert _ablate("prepare") == 0
+    assert json.loads(METRICS.read_text())["n_classes"] == 11
+
+
 def _snapshot(*roots: Path) -> dict[str, bytes]:
     files = [p for root in roots for p in ([root] if root.is_file() else root.rglob("*"))]
     return {str(p): p.read_bytes() for p in files if p.is_file()}
