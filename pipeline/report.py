@@ -130,7 +130,7 @@ def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: 
         },
     }
     if factor == "regularization":
-        answer = regularization_answer(stats, study.records, n_tests)
+        answer = regularization_answer(stats, study.records, n_tests, confidence)
         lines += ["**Dropout together with batch normalisation?** " + answer, ""]
         summary["answer"] = answer
     return lines, summary

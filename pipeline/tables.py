@@ -139,10 +139,16 @@ def study_answer(
     return "\n".join(lines) + "\n", metrics
 
 
-def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n_tests: int = 1):
+def regularization_answer(
+    stats: list[LevelStats],
+    records: list[TrialRecord],
+    n_tests: int = 1,
+    confidence: float = 0.95,
+):
     """The course's claim: dropout and batch normalisation may not work well together.
     `both` is compared with the better of the two alone, paired by seed, and judged with
-    a Bonferroni share of the report's error rate (`n_tests` comparisons plus this one)."""
+    a Bonferroni share of the report's error rate, 1 - `confidence` (`n_tests`
+    comparisons plus this one)."""
     by = {s.level: s for s in stats}
     needed = ("dropout", "batchnorm", "both")
     if any(by.get(k) is None or by[k].n < 2 for k in needed):
@@ -152,15 +158,18 @@ def regularization_answer(stats: list[LevelStats], records: list[TrialRecord], n
     def seeds(level: str) -> dict[Any, float]:
         return by_seed([t for t in records if str(t.params.get("regularization")) == level])
 
-    found = compare(seeds("both"), seeds(alone.level))
+    found = compare(seeds("both"), seeds(alone.level), confidence)
     p = min(1.0, found.p_value * (n_tests + 1))
     verdict = (
-        "no different from" if p >= 0.05 else ("worse than" if found.effect < 0 else "better than")
+        "no different from"
+        if p >= 1 - confidence
+        else ("worse than" if found.effect < 0 else "better than")
     )
     return (
         f"Dropout and batch normalisation together scored {by['both'].mean:.4f} on average "
         f"over {by['both'].n} trials, {verdict} the better of the two alone ({alone.level}: "
-        f"{alone.mean:.4f} over {alone.n}): difference {found.effect:+.4f}, 95% interval "
+        f"{alone.mean:.4f} over {alone.n}): difference {found.effect:+.4f}, "
+        f"{confidence:.0%} interval "
         f"[{found.ci_low:+.4f}, {found.ci_high:+.4f}] ({found.method}; p = {p:.3f} after "
         f"Bonferroni over {n_tests + 1} comparisons). "
         + (
