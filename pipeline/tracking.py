@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,44 @@ def _flush(metrics: dict[str, float], step: int):
     return [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
 
 
+def _experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment `name`, created if missing and restored if deleted."""
+    found = client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        # deleted in the UI: its runs are still there, and a new experiment of that name
+        # cannot be made until it is purged; bring it back, and say so
+        client.restore_experiment(found.experiment_id)
+        log.warning(
+            "MLflow experiment %r was deleted; restored it (tracking.experiment names "
+            "another to start afresh)",
+            name,
+        )
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # another worker created it first
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def _refusal(exc: Exception, experiment: str) -> str:
+    code = getattr(exc, "error_code", "")
+    if code == "UNAUTHENTICATED":
+        return (
+            "the server wants a login; set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD in the environment (wrong ones are refused the same way)"
+        )
+    if code == "PERMISSION_DENIED":
+        return (
+            f"this user may not use experiment {experiment!r}; ask the server's admin for "
+            "access, or name another in tracking.experiment"
+        )
+    return f"cannot use experiment {experiment!r}: {str(exc).splitlines()[0]}"
+
+
 class Tracker:
     """A connection to one MLflow experiment."""
 
@@ -100,25 +138,9 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         try:
-            found = client.get_experiment_by_name(experiment)
-            if found is not None and found.lifecycle_stage == "deleted":
-                # deleted in the UI: its runs are still there, and a new experiment of that
-                # name cannot be made until it is purged; bring it back, and say so
-                client.restore_experiment(found.experiment_id)
-                log.warning(
-                    "MLflow experiment %r was deleted; restored it (tracking.experiment names "
-                    "another to start afresh)",
-                    experiment,
-                )
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        except Exception as exc:  # a race with another worker creating it, or a bad store
-            found = client.get_experiment_by_name(experiment)
-            if found is None:
-                raise UserError(
-                    f"tracking.uri {uri}: cannot use experiment {experiment!r}: "
-                    f"{str(exc).splitlines()[0]}"
-                ) from None
-            experiment_id = found.experiment_id
+            experiment_id = _experiment_id(client, experiment)
+        except Exception as exc:  # a login the server refuses, or a bad store
+            raise UserError(f"tracking.uri {redact(uri)}: {_refusal(exc, experiment)}") from None
         return cls(client, experiment_id, uri)
 
     # -- runs ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ control. Fixtures live in `conftest.py`; plain helpers live here, imported by na
 from __future__ import annotations
 
 import contextlib
+import secrets
 import json
 import os
 import random
@@ -120,9 +121,15 @@ def _healthy(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
+def running_mlflow_server(
+    root: Path, backend_store_uri: str, admin_password: str | None = None
+) -> Iterator[str]:
     """Start `mlflow server` on a free 127.0.0.1 port with `backend_store_uri` and artifacts
-    proxied through it into `root/artifacts`; yield its URL; stop its process group."""
+    proxied through it into `root/artifacts`; yield its URL; stop its process group.
+
+    With `admin_password`, the server runs MLflow's basic authentication (`--app-name
+    basic-auth`): user `admin` with that password, and no access for anyone else until
+    granted (`default_permission = NO_PERMISSIONS`)."""
     url = f"http://127.0.0.1:{free_port()}"
     command = [
         sys.executable,
@@ -143,6 +150,21 @@ def running_mlflow_server(root: Path, backend_store_uri: str) -> Iterator[str]:
     ]
     # No background job runners (huey consumers): nothing here uses them, CPUs are few.
     env = {**subprocess_env(root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if admin_password is not None:
+        config = root / "basic_auth.ini"
+        config.write_text(
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = sqlite:///{root / 'auth.db'}\n"
+            "admin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        command += ["--app-name", "basic-auth"]
+        env |= {
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),  # its CSRF tokens
+        }
     log = root / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(
