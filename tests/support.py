@@ -6,10 +6,10 @@ control. Fixtures live in `conftest.py`; plain helpers live here, imported by na
 from __future__ import annotations
 
 import contextlib
-import secrets
 import json
 import os
 import random
+import secrets
 import signal
 import socket
 import subprocess
