@@ -627,3 +627,17 @@ def test_a_password_on_the_command_line_is_refused_unprinted(workdir, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("error: --storage: mongodb://u:***@host/db holds a password")
     assert ":pw@" not in line
+
+
+def test_no_workers_is_refused_before_anything_runs(workdir, capsys):
+    assert workdir.cli("sweep", "--experiment", "padding", "--n-workers", "0") == 2
+    assert capsys.readouterr().err.strip() == "error: --n-workers: n_workers must be >= 1"
+    assert not (workdir.root / "optuna.db").exists()
+
+
+def test_params_naming_a_folder_is_one_line(workdir, capsys):
+    from pipeline import cli
+
+    assert cli.main(["train", "--params", str(workdir.root)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {workdir.root}: is a folder; --params takes a params.yaml file"
