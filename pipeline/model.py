@@ -208,10 +208,12 @@ def build_model(
     n_classes: int,
     checked: list[LayerShape] | None = None,
     learning_rate: Any = None,
+    bn_momentum: float = 0.99,
 ):
     """The compiled Keras model for `config`; shapes are checked first unless the caller
     passes what `check_shapes` already returned as `checked`. Adam runs at
-    `config.learning_rate`, or at `learning_rate` (a rate or a schedule) when given."""
+    `config.learning_rate`, or at `learning_rate` (a rate or a schedule) when given;
+    batch norm layers average their statistics with `bn_momentum`."""
     import keras
     from keras import layers
 
@@ -229,7 +231,7 @@ def build_model(
             name=f"conv{i}",
         )(x)
         if block.regularization in ("batchnorm", "both"):
-            x = layers.BatchNormalization(name=f"batchnorm{i}")(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"batchnorm{i}")(x)
         x = layers.Activation(block.activation, name=f"act{i}")(x)
         if block.pooling == "max":
             x = layers.MaxPooling2D(block.pool_size, name=f"pool{i}")(x)

@@ -181,7 +181,12 @@ def train(
     steps = -(-len(data.y_train) // params.batch_size)
     rate = learning_rate(config.learning_rate, params, steps)
     model = build_model(
-        config, data.meta.image_shape, data.meta.n_classes, checked=layers, learning_rate=rate
+        config,
+        data.meta.image_shape,
+        data.meta.n_classes,
+        checked=layers,
+        learning_rate=rate,
+        bn_momentum=params.bn_momentum,
     )
     train_ds, val_ds = make_datasets(
         data, params.batch_size, params.seed, augmentation(params, params.seed)

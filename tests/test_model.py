@@ -187,6 +187,13 @@ def test_count_params_matches_keras(config, input_shape):
     )
 
 
+def test_batch_norm_layers_take_the_recipes_momentum():
+    config = ModelConfig(blocks=(_block(regularization="batchnorm"), _block(regularization="both")))
+    model = build_model(config, (8, 8, 1), 3, bn_momentum=0.9)
+    momenta = [layer.momentum for layer in model.layers if "batchnorm" in layer.name]
+    assert momenta == [0.9, 0.9]
+
+
 def test_macs_by_hand():
     # 6x6x1 -> conv 3x3 valid, 2 filters -> 4x4x2 -> max pool 2 -> 2x2x2 = 8 features
     # -> dense 5 -> output 3.
