@@ -1,0 +1,186 @@
+"""Cheaper epochs: seconds per epoch and training FLOP/s as a share of this CPU's
+matrix-multiply peak, for the base model and the largest joint-study model, under
+settings that could make an epoch cheaper (batch size, XLA, augmentation, threads).
+
+The peak is a 2048x2048 float32 `tf.matmul` (2 n^3 flops), measured by this script before
+and after the models, so the share is this machine's own. A model's training flops per
+epoch are counted as 6 x MACs per training image (forward 2, backward 4) plus 2 x MACs
+per validation image, from `check_shapes`' MACs. Every setting trains in a fresh process
+(thread settings must precede TensorFlow's start) for `--epochs` epochs with
+`pipeline.train.train`; the first epoch (tracing) is left out and the rest are averaged.
+
+Run:   python bench/epochs.py                     # shared MNIST-10k, both models
+Smoke: python bench/epochs.py --data embedded --epochs 2 --models base --settings default
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+
+import common
+
+# The largest model the joint study can draw: no pooling (a 28x28 map into the dense
+# layer), double width, dropout and batch norm.
+LARGEST = {
+    "padding": "same",
+    "strides": 1,
+    "dilation_rate": 1,
+    "pooling": "none",
+    "regularization": "both",
+    "width": 2.0,
+}
+MODELS = {"base": {}, "largest": LARGEST}
+# name -> (changes to the train section, XLA on, intra-op threads or None for TF's choice)
+SETTINGS = {
+    "default": ({}, False, None),
+    "batch 128": ({"batch_size": 128}, False, None),
+    "batch 256": ({"batch_size": 256}, False, None),
+    "no augmentation": ({"augment": False}, False, None),
+    "XLA": ({}, True, None),
+    "1 intra-op thread": ({}, False, 1),
+}
+
+
+def parse_args():
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per setting (default 3)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS), metavar="S"
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # one measurement, in a child
+    return parser.parse_args()
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n float32 matmul, the best of three rounds of `repeats`."""
+    import tensorflow as tf
+
+    a, b = tf.random.normal((n, n)), tf.random.normal((n, n))
+    tf.matmul(a, b).numpy()
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            c = tf.matmul(a, b)
+        c.numpy()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+class EpochClock:
+    """A Keras callback: wall seconds of each epoch."""
+
+    def __init__(self):
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer.started = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                outer.seconds.append(time.perf_counter() - outer.started)
+
+        self.seconds: list[float] = []
+        self.callback = Callback()
+
+
+def measure_one(job: dict) -> dict:
+    """In a fresh process: one model under one setting."""
+    import tensorflow as tf
+
+    if job["threads"]:
+        tf.config.threading.set_intra_op_parallelism_threads(job["threads"])
+    if job["what"] == "peak":
+        return {"gflops": matmul_peak()}
+    import keras
+
+    from pipeline.factors import apply_factors
+    from pipeline.model import check_shapes, count_macs
+    from pipeline.train import train
+
+    raw = common.read_params(job["overrides"])
+    base, params = common.base_config(raw)
+    config, params = apply_factors(base, params, MODELS[job["model"]])
+    params = dataclasses.replace(params, **job["train"], epochs=job["epochs"])
+    data, _ = common.load_data(job["data"], raw)
+    if job["xla"]:  # Keras compiles with XLA only on accelerators unless told to
+        compile_ = keras.Model.compile
+        keras.Model.compile = lambda self, *a, **k: compile_(self, *a, **k, jit_compile=True)
+    clock = EpochClock()
+    train(config, params, data, callbacks=[clock.callback])
+    macs = count_macs(check_shapes(config, data.meta.image_shape, data.meta.n_classes))
+    n_train, n_val = len(data.y_train), len(data.y_val)
+    seconds = sum(clock.seconds[1:]) / max(1, len(clock.seconds) - 1)
+    return {
+        "seconds": seconds,
+        "gflops": (6 * n_train + 2 * n_val) * macs / seconds / 1e9,
+        "macs": macs,
+    }
+
+
+def run_one(args, **job) -> dict:
+    job = {"data": args.data, "overrides": common.parse_overrides(args.overrides), **job}
+    done = subprocess.run(
+        [sys.executable, __file__, "--one", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise common.UserError(f"{job}: failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    if args.one:
+        print(json.dumps(measure_one(json.loads(args.one))))
+        return
+    common.setup_logging(args.verbose)
+    if args.epochs < 2:
+        raise common.UserError("--epochs must be >= 2 (the first epoch is left out)")
+    peaks = [run_one(args, what="peak", threads=None)["gflops"]]
+    common.note(f"matmul peak {peaks[0]:.0f} GFLOP/s")
+    rows = []
+    for model in args.models:
+        for name in args.settings:
+            train, xla, threads = SETTINGS[name]
+            found = run_one(
+                args,
+                what="model",
+                model=model,
+                train=train,
+                xla=xla,
+                threads=threads,
+                epochs=args.epochs,
+            )
+            common.note(f"{model} / {name}: {found}")
+            rows.append((model, name, found))
+    peaks.append(run_one(args, what="peak", threads=None)["gflops"])
+    peak = max(peaks)
+    lines = [
+        f"epochs data={args.data} peak={peak:.0f} GFLOP/s (before {peaks[0]:.0f}, "
+        f"after {peaks[1]:.0f})",
+        "| model | setting | s/epoch | vs default | GFLOP/s | share of peak |",
+        "|---" * 6 + "|",
+    ]
+    default = {m: f["seconds"] for m, n, f in rows if n == "default"}
+    for model, name, found in rows:
+        ratio = f"{found['seconds'] / default[model]:.2f}" if model in default else "-"
+        lines.append(
+            f"| {model} ({found['macs'] / 1e6:.1f} M MACs) | {name} | {found['seconds']:.2f} | "
+            f"{ratio} | {found['gflops']:.0f} | {found['gflops'] / peak:.0%} |"
+        )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    common.run_main(main)
