@@ -172,8 +172,7 @@ class TrainParams:
     # redraws it (stratified, same size) from the same images, so repeats vary the data
     # as well as the weights, and every level sees the same split for the same seed
     split: Split = "fixed"
-    # batch norm's moving-average momentum (Keras's default 0.99); with about a hundred
-    # steps an epoch, 0.99 leaves the inference statistics behind the weights for epochs
+    # batch norm's moving-average momentum (Keras's default); bench/recipe.py measures 0.9
     bn_momentum: float = 0.99
 
     def __post_init__(self) -> None:
