@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pipeline.csvfiles import read_csv
 from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import UserError
 from pipeline.fsutil import atomic_path, write_json
-from pipeline.prepare import read_csv
 
 if TYPE_CHECKING:
     from pipeline.config import Config
