@@ -234,7 +234,7 @@ def run_trial(job: Job, started: Started, tracker: Tracker) -> Outcome:
         else:
             callbacks = [
                 tracker.epoch_logger(run_id),
-                trial.pruning_callback(job.experiment.objective),
+                _pruner(trial, job.experiment.objective),
             ]
             with trial.heartbeat(job.config.sweep.heartbeat_seconds):
                 outcome = evaluate(job, started.config, started.params, callbacks)
@@ -286,3 +286,17 @@ def _epoch_counter():
             self.epochs = epoch + 1
 
     return EpochCounter()
+
+
+def _pruner(trial: Trial, monitor: str):
+    """A Keras callback reporting `monitor` to the study each epoch; raises `Pruned` when
+    the study's pruner says so."""
+    import keras
+
+    class ReportAndPrune(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            value = (logs or {}).get(monitor)
+            if value is not None and trial.report(float(value), epoch):
+                raise Pruned(f"pruned after epoch {epoch + 1}: {monitor} {float(value):.4f}")
+
+    return ReportAndPrune()

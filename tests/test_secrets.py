@@ -10,7 +10,7 @@ import secrets
 import pytest
 from support import Project, running_mlflow_server
 
-from pipeline.storages import _redis_password
+from pipeline.storage_urls import with_redis_password
 
 SECRET = "hunter2"
 
@@ -59,10 +59,10 @@ def test_a_tracking_uri_with_an_unknown_scheme_is_one_line(tmp_path, run_cmd, wr
 def test_the_redis_password_comes_from_the_environment(monkeypatch):
     url = "redis://127.0.0.1:6379/3"
     monkeypatch.delenv("REDIS_PASSWORD", raising=False)
-    assert _redis_password(url) == url
+    assert with_redis_password(url) == url
     monkeypatch.setenv("REDIS_PASSWORD", "p@ss:word")
-    assert _redis_password(url) == "redis://:p%40ss%3Aword@127.0.0.1:6379/3"
-    assert _redis_password("redis://:own@127.0.0.1:6379/3") == "redis://:own@127.0.0.1:6379/3"
+    assert with_redis_password(url) == "redis://:p%40ss%3Aword@127.0.0.1:6379/3"
+    assert with_redis_password("redis://:own@127.0.0.1:6379/3") == "redis://:own@127.0.0.1:6379/3"
 
 
 def test_a_sweep_logs_into_an_mlflow_server_with_basic_auth(tmp_path, prepared_digits, monkeypatch):
