@@ -128,6 +128,11 @@ class Tracker:
         self.client = client
         self.experiment_id = experiment_id
         self.uri = uri
+        # Per-epoch metrics go to MLflow's background thread while training goes on;
+        # `end_run` waits for them. False: each epoch's write waits (bench/tracking_overhead.py
+        # measures both).
+        self.asynchronous = True
+        self._pending: dict[str, list] = {}
 
     @classmethod
     def connect(cls, uri: str, experiment: str) -> Tracker:
@@ -170,9 +175,19 @@ class Tracker:
     ) -> None:
         from mlflow.entities import RunTag
 
+        self._wait_for(run_id)
         if tags:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
+
+    def _wait_for(self, run_id: str) -> None:
+        """Wait until the run's per-epoch metrics are written; a store that failed to
+        take them is a warning, and the run still ends."""
+        for operations in self._pending.pop(run_id, []):
+            try:
+                operations.wait()
+            except Exception as exc:  # the store refused or went away meanwhile
+                log.warning("run %s: per-epoch metrics not logged: %s", run_id, exc)
 
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed sweep's parent run)."""
@@ -205,7 +220,8 @@ class Tracker:
             self.client.log_batch(run_id, metrics=rows[start : start + 1000])
 
     def epoch_logger(self, run_id: str):
-        """A Keras callback that logs each epoch's metrics in one batched call."""
+        """A Keras callback that logs each epoch's metrics in one batched call, in the
+        background unless `asynchronous` is off."""
         import keras
 
         tracker = self
@@ -213,7 +229,12 @@ class Tracker:
         class EpochLogger(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
                 logs = {EPOCH_SERIES[k]: v for k, v in (logs or {}).items() if k in EPOCH_SERIES}
-                tracker.client.log_batch(run_id, metrics=_flush(logs, epoch))
+                metrics = _flush(logs, epoch)
+                if not tracker.asynchronous:
+                    tracker.client.log_batch(run_id, metrics=metrics)
+                    return
+                operations = tracker.client.log_batch(run_id, metrics=metrics, synchronous=False)
+                tracker._pending.setdefault(run_id, []).append(operations)
 
         return EpochLogger()
 
