@@ -8,9 +8,13 @@ epochs, the first (tracing) left out:
 - seconds per epoch, and GFLOP/s counted as in `epochs.py`, as a share of this GPU's own
   matmul peak in the same precision (an 8192x8192 `tf.matmul`, float32 and float16,
   measured by the same run);
-- the GPU's mean utilisation and peak memory from `nvidia-smi`, sampled every 200 ms
-  from the second epoch to the end of training;
-- where the model's weights live, so a silent CPU fallback shows.
+- the GPU's mean utilisation from `nvidia-smi`, sampled every 200 ms from the second
+  epoch to the end of training, and TensorFlow's peak GPU memory over the same epochs
+  (memory grows as needed: `TF_FORCE_GPU_ALLOW_GROWTH`);
+- where the model's weights live, so a silent CPU fallback shows, and the precision
+  policy it trained under (the pipeline itself picks mixed precision on any GPU, so this
+  script sets each row's policy in its place). On Ampere and newer GPUs TensorFlow's
+  float32 matmuls and convolutions run as TF32, in the peak and the models alike.
 It refuses to run when TensorFlow sees no GPU (a CPU run measures the wrong thing);
 `--allow-cpu` runs it anyway, as a smoke test of the script itself.
 
@@ -22,11 +26,14 @@ Smoke: python bench/gpu.py --allow-cpu --data embedded --epochs 2 --models base 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import common
@@ -47,41 +54,37 @@ def parse_args():
 
 
 class Sampler:
-    """`nvidia-smi` utilisation (%) and memory (MiB) every 200 ms, between start and stop;
-    nothing where there is no `nvidia-smi`."""
+    """`nvidia-smi` utilisation (%) every 200 ms between start and stop, into a file;
+    nothing where there is no `nvidia-smi` or it reports no number (MIG, some boards)."""
 
-    def __init__(self):
-        self.process = None
-        self.lines: list[str] = []
+    def __init__(self, path: str):
+        self.path, self.process = path, None
 
     def start(self) -> None:
         if self.process is None and shutil.which("nvidia-smi"):
             self.process = subprocess.Popen(
                 [
                     "nvidia-smi",
-                    "--id=0",
-                    "--query-gpu=utilization.gpu,memory.used",
+                    "--query-gpu=utilization.gpu",
                     "--format=csv,noheader,nounits",
                     "-lms",
                     "200",
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
+                    "-f",
+                    self.path,
+                ]
             )
 
-    def stop(self) -> dict:
+    def stop(self) -> float | None:
         if self.process is None:
-            return {"utilisation": None, "memory_mib": None}
+            return None
         self.process.terminate()
-        out, _ = self.process.communicate()
-        rows = [line.split(",") for line in out.splitlines() if line.count(",") == 1]
-        values = [(float(u), float(m)) for u, m in rows if u.strip() and m.strip()]
-        if not values:
-            return {"utilisation": None, "memory_mib": None}
-        return {
-            "utilisation": sum(u for u, _ in values) / len(values),
-            "memory_mib": max(m for _, m in values),
-        }
+        self.process.wait()
+        values = []
+        with open(self.path) as lines:
+            for line in lines:
+                with contextlib.suppress(ValueError):  # "[N/A]", "[Not Supported]"
+                    values.append(float(line.split(",")[0]))
+        return sum(values) / len(values) if values else None
 
 
 def matmul_peak(dtype: str, n: int = 8192, repeats: int = 20) -> float:
@@ -119,25 +122,34 @@ def measure_one(job: dict) -> dict:
         }
     import keras
 
+    import pipeline.train
     from pipeline.factors import apply_factors
     from pipeline.model import check_shapes, count_macs
     from pipeline.train import train
 
-    keras.mixed_precision.set_global_policy(job["precision"])
+    def fixed_policy() -> str:  # the pipeline's own choice is mixed on a GPU
+        keras.mixed_precision.set_global_policy(job["precision"])
+        return job["precision"]
+
+    pipeline.train.configure_device = fixed_policy
     raw = common.read_params(job["overrides"])
     base, params = common.base_config(raw)
     config, params = apply_factors(base, params, MODELS[job["model"]])
     params = dataclasses.replace(params, batch_size=job["batch"], epochs=job["epochs"])
     data, _ = common.load_data(job["data"], raw)
-    clock, sampler = EpochClock(), Sampler()
+    clock = EpochClock()
+    sampler = Sampler(tempfile.mkstemp(prefix="bench-gpu-", suffix=".csv")[1])
 
     class Sample(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 1:
                 sampler.start()
+                if gpus:  # TensorFlow's own peak, from here on
+                    tf.config.experimental.reset_memory_stats("GPU:0")
 
     result = train(config, params, data, callbacks=[clock.callback, Sample()])
-    device = sampler.stop()
+    utilisation = sampler.stop()
+    memory = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20 if gpus else None
     macs = count_macs(check_shapes(config, data.meta.image_shape, data.meta.n_classes))
     seconds = sum(clock.seconds[1:]) / max(1, len(clock.seconds) - 1)
     weights = result.model.trainable_weights[0]
@@ -146,18 +158,23 @@ def measure_one(job: dict) -> dict:
         "gflops": (6 * len(data.y_train) + 2 * len(data.y_val)) * macs / seconds / 1e9,
         "macs": macs,
         "weights_on": str(getattr(weights.value, "device", "?")),
+        "policy": result.model.dtype_policy.name,
         "val_accuracy": result.metrics["val_accuracy"],
-        **device,
+        "utilisation": utilisation,
+        "memory_mib": memory,
     }
 
 
 def run_one(args, **job) -> dict:
     job = {"data": args.data, "overrides": common.parse_overrides(args.overrides), **job}
+    # memory as the model needs it, not all of the GPU that TensorFlow takes by default
+    env = {**os.environ, "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
     done = subprocess.run(
         [sys.executable, __file__, "--one", json.dumps(job)],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if done.returncode != 0:
         raise common.UserError(f"{job}: failed:\n{done.stderr[-2000:]}")
@@ -203,8 +220,8 @@ def main() -> None:
         f"gpu data={args.data} device={gpu} tensorflow={device['tensorflow']} "
         f"matmul peak GFLOP/s: {peak_text}; {time.perf_counter() - started:.0f} s in all",
         "| model | batch | precision | s/epoch | vs float32 | GFLOP/s | share of peak "
-        "| GPU busy | GPU memory (MiB) | weights on | val_accuracy |",
-        "|---" * 11 + "|",
+        "| GPU busy | GPU memory (MiB) | weights on | policy | val_accuracy |",
+        "|---" * 12 + "|",
     ]
     float32 = {(m, b): f["seconds"] for m, b, p, f in rows if p == "float32"}
     for model, batch, precision, found in rows:
@@ -216,7 +233,7 @@ def main() -> None:
             f"| {model} ({found['macs'] / 1e6:.1f} M MACs) | {batch} | {precision} | "
             f"{found['seconds']:.2f} | {ratio} | {found['gflops']:.0f} | "
             f"{found['gflops'] / peaks[precision]:.0%} | {busy} | {memory} | "
-            f"{found['weights_on']} | {found['val_accuracy']:.4f} |"
+            f"{found['weights_on']} | {found['policy']} | {found['val_accuracy']:.4f} |"
         )
     print("\n".join(lines))
 

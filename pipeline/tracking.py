@@ -5,7 +5,9 @@ the model registry. It knows nothing of training or Optuna; callers hand it plai
 training). Runs are created through `MlflowClient` with explicit run ids, so one process
 can write a parent run and many child runs, and workers on other machines can add
 children to the same parent (`mlflow.parentRunId`). Per-epoch metrics go in one batched
-call per epoch; full `mlflow.keras.log_model` is reserved for best models.
+call per epoch, written by MLflow's background thread while the next epoch trains;
+`end_run` waits for them and writes again, synchronously, any batch the store refused.
+Full `mlflow.keras.log_model` is reserved for best models.
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         check_reachable(uri)
+        # Background logging: batches wait at most 1 s (and a run's end wakes the thread at
+        # once, instead of a 1 s poll), written one at a time (SQLite has one writer).
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_THREADPOOL_SIZE", "1")
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         try:
@@ -181,13 +187,17 @@ class Tracker:
         self.client.set_terminated(run_id, status)
 
     def _wait_for(self, run_id: str) -> None:
-        """Wait until the run's per-epoch metrics are written; a store that failed to
-        take them is a warning, and the run still ends."""
-        for operations in self._pending.pop(run_id, []):
+        """Wait until the run's per-epoch metrics are written. A batch the store refused
+        in the background (say, SQLite busy) is written again here, synchronously; one
+        refused twice is a warning, and the run still ends."""
+        for operations, metrics in self._pending.pop(run_id, []):
             try:
                 operations.wait()
-            except Exception as exc:  # the store refused or went away meanwhile
-                log.warning("run %s: per-epoch metrics not logged: %s", run_id, exc)
+            except Exception:  # MLflow logged why; try once more, in the foreground
+                try:
+                    self.client.log_batch(run_id, metrics=metrics)
+                except Exception as exc:
+                    log.warning("run %s: per-epoch metrics not logged: %s", run_id, exc)
 
     def reopen(self, run_id: str) -> None:
         """Mark a run RUNNING again (a resumed sweep's parent run)."""
@@ -234,7 +244,8 @@ class Tracker:
                     tracker.client.log_batch(run_id, metrics=metrics)
                     return
                 operations = tracker.client.log_batch(run_id, metrics=metrics, synchronous=False)
-                tracker._pending.setdefault(run_id, []).append(operations)
+                if operations is not None:  # None: nothing to log
+                    tracker._pending.setdefault(run_id, []).append((operations, metrics))
 
         return EpochLogger()
 

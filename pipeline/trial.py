@@ -234,7 +234,7 @@ def run_trial(job: Job, started: Started, tracker: Tracker) -> Outcome:
         else:
             callbacks = [
                 tracker.epoch_logger(run_id),
-                _pruner(trial, job.experiment.objective),
+                _report_and_prune(trial, job.experiment.objective),
             ]
             with trial.heartbeat(job.config.sweep.heartbeat_seconds):
                 outcome = evaluate(job, started.config, started.params, callbacks)
@@ -288,7 +288,7 @@ def _epoch_counter():
     return EpochCounter()
 
 
-def _pruner(trial: Trial, monitor: str):
+def _report_and_prune(trial: Trial, monitor: str):
     """A Keras callback reporting `monitor` to the study each epoch; raises `Pruned` when
     the study's pruner says so."""
     import keras
