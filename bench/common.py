@@ -359,3 +359,21 @@ def slope(values: list[float]) -> float:
 
 def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
+
+
+def run_child(script: str, job: dict[str, Any], env: dict[str, str] | None = None) -> dict:
+    """`python SCRIPT --one JOB` in a fresh process (thread and device settings must come
+    before TensorFlow starts); its last line of stdout, as JSON."""
+    import json
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, script, "--one", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+    if done.returncode != 0:
+        raise UserError(f"{job}: failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

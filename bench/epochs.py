@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 
 import common
@@ -128,15 +126,7 @@ def measure_one(job: dict) -> dict:
 
 def run_one(args, **job) -> dict:
     job = {"data": args.data, "overrides": common.parse_overrides(args.overrides), **job}
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise common.UserError(f"{job}: failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, job)
 
 
 def main() -> None:

@@ -29,10 +29,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -168,17 +166,7 @@ def measure_one(job: dict) -> dict:
 def run_one(args, **job) -> dict:
     job = {"data": args.data, "overrides": common.parse_overrides(args.overrides), **job}
     # memory as the model needs it, not all of the GPU that TensorFlow takes by default
-    env = {**os.environ, "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--one", json.dumps(job)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
-    if done.returncode != 0:
-        raise common.UserError(f"{job}: failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return common.run_child(__file__, job, env={"TF_FORCE_GPU_ALLOW_GROWTH": "true"})
 
 
 def main() -> None:
