@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import common
-from epochs import MODELS, EpochClock
+from epochs import MODELS, EpochClock, matmul_peak
 
 PRECISIONS = ("float32", "mixed_float16")
 
@@ -85,23 +85,6 @@ class Sampler:
         return sum(values) / len(values) if values else None
 
 
-def matmul_peak(dtype: str, n: int = 8192, repeats: int = 20) -> float:
-    """GFLOP/s of an n x n matmul in `dtype` on TensorFlow's default device."""
-    import tensorflow as tf
-
-    a = tf.random.normal((n, n), dtype=tf.float32)
-    a = tf.cast(a, dtype)
-    tf.matmul(a, a).numpy()
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            c = tf.matmul(a, a)
-        c.numpy()
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def measure_one(job: dict) -> dict:
     """In a fresh process: the device, then one model at one batch size and precision."""
     import tensorflow as tf
@@ -115,7 +98,7 @@ def measure_one(job: dict) -> dict:
     if job["what"] == "peak":
         n, repeats = (8192, 20) if gpus else (1024, 2)  # a CPU smoke run: small and quick
         return {
-            p: matmul_peak("float16" if p == "mixed_float16" else "float32", n, repeats)
+            p: matmul_peak(n, repeats, "float16" if p == "mixed_float16" else "float32")
             for p in job["precisions"]
         }
     import keras
