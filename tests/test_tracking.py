@@ -330,3 +330,30 @@ def test_an_experiment_deleted_in_the_ui_is_restored_with_a_warning(tmp_path, ca
     assert MlflowClient(uri).get_experiment(again.experiment_id).lifecycle_stage == "active"
     assert "was deleted; restored it" in caplog.text
     again.end_run(again.start_run("after"))  # runs go in again
+
+
+def test_an_epoch_the_store_refused_in_the_background_is_written_when_the_run_ends(tmp_path):
+    """The per-epoch batch goes to MLflow's background thread; while another connection
+    holds SQLite's write lock that write fails for real. `end_run` writes it again."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker.connect(f"sqlite:///{db}", "background")
+    run_id = tracker.start_run("refused")
+    logger = tracker.epoch_logger(run_id)
+    lock = sqlite3.connect(db, timeout=0, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        logger.on_epoch_end(0, {"loss": 0.5, "val_accuracy": 0.75})
+        [(operations, _)] = tracker._pending[run_id]
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            operations.wait()  # the background write, refused: the lock is held
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    tracker.end_run(run_id)
+
+    client = MlflowClient(f"sqlite:///{db}")
+    assert [m.value for m in client.get_metric_history(run_id, "epoch_val_accuracy")] == [0.75]
+    assert [m.value for m in client.get_metric_history(run_id, "epoch_loss")] == [0.5]
+    assert client.get_run(run_id).info.status == "FINISHED"
