@@ -92,11 +92,12 @@ def overrides_with_trials(items: list[str], trials: int | None) -> dict[str, Any
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """`["train.epochs=2"]` -> `{"train.epochs": 2}`; values are parsed as YAML."""
+    """`["train.epochs=2"]` -> `{"train.epochs": 2}`; values are parsed as YAML, so a
+    top-level key takes a list too: `experiments=[padding,joint]`."""
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
+        if not sep or not key.strip():
             raise UserError(f"-S {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=2")
         overrides[key.strip()] = yaml.safe_load(value)
     return overrides
