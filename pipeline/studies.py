@@ -45,31 +45,33 @@ def make_storage(url: str, heartbeat_seconds: int):
     journal storage). A connection or driver problem is a `UserError`."""
     from optuna.storages import RDBStorage
 
-    try:
-        if url.startswith(("redis://", "rediss://", "unix://")):
-            from optuna.storages.journal import JournalRedisBackend
+    with warnings.catch_warnings():  # the journal backend and heartbeat are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            if url.startswith(("redis://", "rediss://", "unix://")):
+                from optuna.storages.journal import JournalRedisBackend
 
-            backend = JournalRedisBackend(with_redis_password(url))
-            return optuna.storages.JournalStorage(backend)
-        if url.startswith("sqlite"):
-            storage = RDBStorage(
-                url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
-            )
-            _lock_on_begin(storage.engine)
-            return storage
-        if url.startswith(("postgresql", "mysql")):
-            return RDBStorage(
-                with_driver(url),
-                engine_kwargs={"pool_pre_ping": True},
-                heartbeat_interval=heartbeat_seconds,
-                grace_period=3 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=requeue,
-            )
-    except Exception as exc:  # connection refused, bad credentials, missing driver
-        raise UserError(
-            f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+                backend = JournalRedisBackend(with_redis_password(url))
+                return optuna.storages.JournalStorage(backend)
+            if url.startswith("sqlite"):
+                storage = RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
+                )
+                _lock_on_begin(storage.engine)
+                return storage
+            if url.startswith(("postgresql", "mysql")):
+                return RDBStorage(
+                    with_driver(url),
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=3 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=requeue,
+                )
+        except Exception as exc:  # connection refused, bad credentials, missing driver
+            raise UserError(
+                f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
     raise UserError(
         f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
         "mysql://... or redis://..."
