@@ -362,6 +362,17 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "MISSED"
 
 
+def answer_as_child(args, measure) -> bool:
+    """In a child started by `run_child` (`--one JOB`): print `measure(job)` as JSON and
+    say so; the parent goes on."""
+    import json
+
+    if not args.one:
+        return False
+    print(json.dumps(measure(json.loads(args.one))))
+    return True
+
+
 def run_child(script: str, job: dict[str, Any], env: dict[str, str] | None = None) -> dict:
     """`python SCRIPT --one JOB` in a fresh process (thread and device settings must come
     before TensorFlow starts); its last line of stdout, as JSON."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 
 import common
@@ -133,8 +132,7 @@ def run_one(args, **job) -> dict:
 
 def main() -> None:
     args = parse_args()
-    if args.one:
-        print(json.dumps(measure_one(json.loads(args.one))))
+    if common.answer_as_child(args, measure_one):
         return
     common.setup_logging(args.verbose)
     if args.epochs < 2:

@@ -1,4 +1,5 @@
-"""Who a worker is (`host:pid`) and whether it is known to be dead.
+"""Who a worker is (`host:pid`), whether it is known to be dead, and a beat that says
+it is alive.
 
 A trial records the worker that claimed it; a RUNNING trial whose worker died on this
 host is failed at once. On another host nothing can be told from here: Optuna's heartbeat
@@ -12,6 +13,7 @@ import ctypes
 import os
 import signal
 import socket
+import threading
 
 PARENT_ENV = "ABLATE_PARENT_PID"
 
@@ -46,3 +48,22 @@ def end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def every(seconds: float, beat):
+    """Call `beat()` now and every `seconds` while the block runs, in a daemon thread."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            beat()
+            stop.wait(seconds)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -16,7 +16,6 @@ import contextlib
 import copy
 import json
 import logging
-import threading
 import warnings
 from typing import Any
 
@@ -25,7 +24,7 @@ from optuna.trial import TrialState
 
 from pipeline.errors import UserError, redact
 from pipeline.experiments import Experiment, suggest
-from pipeline.processes import died_here, worker_id
+from pipeline.processes import died_here, every, worker_id
 from pipeline.records import TrialRecord
 from pipeline.storage_urls import with_driver, with_redis_password
 
@@ -352,23 +351,9 @@ class Trial:
         self._trial.report(value, step)
         return self._trial.should_prune()
 
-    @contextlib.contextmanager
     def heartbeat(self, interval: float):
         """Optuna's heartbeat while the trial trains (RDB storages that ask for one)."""
-        storage, stop = self.study.storage, threading.Event()
+        storage = self.study.storage
         if not getattr(storage, "get_heartbeat_interval", lambda: None)():
-            yield
-            return
-
-        def beat():
-            while not stop.is_set():
-                storage.record_heartbeat(self._id)
-                stop.wait(interval)
-
-        thread = threading.Thread(target=beat, daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+            return contextlib.nullcontext()
+        return every(interval, lambda: storage.record_heartbeat(self._id))
