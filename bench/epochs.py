@@ -1,13 +1,15 @@
 """Cheaper epochs: seconds per epoch and training FLOP/s as a share of this CPU's
 matrix-multiply peak, for the base model and the largest joint-study model, under
-settings that could make an epoch cheaper (batch size, XLA, augmentation, threads).
+settings that could make an epoch cheaper (batch size, XLA, augmentation, threads,
+precision: `default` is params.yaml's `train.precision: auto`).
 
-The peak is a 2048x2048 float32 `tf.matmul` (2 n^3 flops), measured by this script before
-and after the models, so the share is this machine's own. A model's training flops per
-epoch are counted as 6 x MACs per training image (forward 2, backward 4) plus 2 x MACs
-per validation image, from `check_shapes`' MACs. Every setting trains in a fresh process
-(thread settings must precede TensorFlow's start) for `--epochs` epochs with
-`pipeline.train.train`; the first epoch (tracing) is left out and the rest are averaged.
+The peak is a 2048x2048 `tf.matmul` (2 n^3 flops) in float32 and in bfloat16, measured by
+this script before and after the models, so the share is this machine's own; a row is a
+share of the peak in its policy's compute dtype (`mixed_bfloat16` of the bfloat16 peak).
+A model's training flops per epoch are counted as 6 x MACs per training image (forward 2,
+backward 4) plus 2 x MACs per validation image, from `check_shapes`' MACs. Every setting
+trains in a fresh process (thread settings must precede TensorFlow's start) for `--epochs`
+epochs with `pipeline.train.train`; the first epoch (tracing) is left out and the rest are averaged.
 
 Run:   python bench/epochs.py                     # shared MNIST-10k, both models
 Smoke: python bench/epochs.py --data embedded --epochs 2 --models base --settings default
@@ -40,7 +42,11 @@ SETTINGS = {
     "no augmentation": ({"augment": False}, False, None),
     "XLA": ({}, True, None),
     "1 intra-op thread": ({}, False, 1),
+    "float32": ({"precision": "float32"}, False, None),
+    "mixed_bfloat16": ({"precision": "mixed_bfloat16"}, False, None),
 }
+# the matmul peak a policy's row is a share of
+PEAK_DTYPE = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
 def parse_args():
@@ -98,7 +104,7 @@ def measure_one(job: dict) -> dict:
     if job["threads"]:
         tf.config.threading.set_intra_op_parallelism_threads(job["threads"])
     if job["what"] == "peak":
-        return {"gflops": matmul_peak()}
+        return {"gflops": matmul_peak(dtype=job["dtype"])}
     import keras
 
     from pipeline.factors import apply_factors
@@ -114,7 +120,7 @@ def measure_one(job: dict) -> dict:
         compile_ = keras.Model.compile
         keras.Model.compile = lambda self, *a, **k: compile_(self, *a, **k, jit_compile=True)
     clock = EpochClock()
-    train(config, params, data, callbacks=[clock.callback])
+    result = train(config, params, data, callbacks=[clock.callback])
     macs = count_macs(check_shapes(config, data.meta.image_shape, data.meta.n_classes))
     n_train, n_val = len(data.y_train), len(data.y_val)
     seconds = sum(clock.seconds[1:]) / max(1, len(clock.seconds) - 1)
@@ -122,6 +128,7 @@ def measure_one(job: dict) -> dict:
         "seconds": seconds,
         "gflops": (6 * n_train + 2 * n_val) * macs / seconds / 1e9,
         "macs": macs,
+        "policy": result.precision,
     }
 
 
@@ -137,8 +144,9 @@ def main() -> None:
     common.setup_logging(args.verbose)
     if args.epochs < 2:
         raise common.UserError("--epochs must be >= 2 (the first epoch is left out)")
-    peaks = [run_one(args, what="peak", threads=None)["gflops"]]
-    common.note(f"matmul peak {peaks[0]:.0f} GFLOP/s")
+    dtypes = ("float32", "bfloat16")
+    before = {d: run_one(args, what="peak", dtype=d, threads=None)["gflops"] for d in dtypes}
+    common.note(f"matmul peaks {before} GFLOP/s")
     rows = []
     for model in args.models:
         for name in args.settings:
@@ -154,20 +162,25 @@ def main() -> None:
             )
             common.note(f"{model} / {name}: {found}")
             rows.append((model, name, found))
-    peaks.append(run_one(args, what="peak", threads=None)["gflops"])
-    peak = max(peaks)
+    after = {d: run_one(args, what="peak", dtype=d, threads=None)["gflops"] for d in dtypes}
+    peak = {d: max(before[d], after[d]) for d in dtypes}
     lines = [
-        f"epochs data={args.data} peak={peak:.0f} GFLOP/s (before {peaks[0]:.0f}, "
-        f"after {peaks[1]:.0f})",
-        "| model | setting | s/epoch | vs default | GFLOP/s | share of peak |",
-        "|---" * 6 + "|",
+        f"epochs data={args.data} matmul peaks: "
+        + ", ".join(
+            f"{d} {peak[d]:.0f} GFLOP/s (before {before[d]:.0f}, after {after[d]:.0f})"
+            for d in dtypes
+        ),
+        "| model | setting | policy | s/epoch | vs default | GFLOP/s | share of peak |",
+        "|---" * 7 + "|",
     ]
     default = {m: f["seconds"] for m, n, f in rows if n == "default"}
     for model, name, found in rows:
         ratio = f"{found['seconds'] / default[model]:.2f}" if model in default else "-"
+        dtype = PEAK_DTYPE.get(found["policy"], "float32")
+        share = f"{found['gflops'] / peak[dtype]:.0%} ({dtype})" if dtype in peak else "-"
         lines.append(
-            f"| {model} ({found['macs'] / 1e6:.1f} M MACs) | {name} | {found['seconds']:.2f} | "
-            f"{ratio} | {found['gflops']:.0f} | {found['gflops'] / peak:.0%} |"
+            f"| {model} ({found['macs'] / 1e6:.1f} M MACs) | {name} | {found['policy']} | "
+            f"{found['seconds']:.2f} | {ratio} | {found['gflops']:.0f} | {share} |"
         )
     print("\n".join(lines))
 

@@ -102,20 +102,16 @@ def measure_one(job: dict) -> dict:
         }
     import keras
 
-    import pipeline.train
     from pipeline.factors import apply_factors
     from pipeline.model import check_shapes, count_macs
     from pipeline.train import train
 
-    def fixed_policy() -> str:  # the pipeline's own choice is mixed on a GPU
-        keras.mixed_precision.set_global_policy(job["precision"])
-        return job["precision"]
-
-    pipeline.train.configure_device = fixed_policy
     raw = common.read_params(job["overrides"])
     base, params = common.base_config(raw)
     config, params = apply_factors(base, params, MODELS[job["model"]])
-    params = dataclasses.replace(params, batch_size=job["batch"], epochs=job["epochs"])
+    params = dataclasses.replace(
+        params, batch_size=job["batch"], epochs=job["epochs"], precision=job["precision"]
+    )
     data, _ = common.load_data(job["data"], raw)
     clock = EpochClock()
     sampler = Sampler(tempfile.mkstemp(prefix="bench-gpu-", suffix=".csv")[1])

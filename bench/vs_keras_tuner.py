@@ -169,7 +169,7 @@ def run_tuner(kt, name: str, args, root, spec, base, train_params, data, budget:
 
     from pipeline.train import configure_device, make_datasets
 
-    configure_device()
+    configure_device(train_params.precision)
     keras.utils.set_random_seed(train_params.seed)
     _quiet_failed_trials(args.verbose)
     build = make_hypermodel(kt, spec, base, train_params, data)

@@ -149,6 +149,8 @@ class PrepareParams:
 
 Split = Literal["fixed", "per_seed"]
 Schedule = Literal["constant", "cosine", "plateau"]
+# auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units, else float32
+Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class TrainParams:
     split: Split = "fixed"
     # batch norm's moving-average momentum (Keras's default); bench/recipe.py measures 0.9
     bn_momentum: float = 0.99
+    precision: Precision = "float32"  # the Keras dtype policy; params.yaml sets auto
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):

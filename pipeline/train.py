@@ -48,17 +48,39 @@ class TrainResult:
     metrics: dict[str, float]
     history: dict[str, list[float]]
     model: Any = field(repr=False)
+    precision: str = "float32"  # the dtype policy it trained under
 
 
-def configure_device() -> str:
-    """Mixed precision on a GPU, float32 on CPU; returns the policy name."""
+def configure_device(precision: str = "auto") -> str:
+    """Set Keras's dtype policy for `precision` (`train.precision`) and return it. `auto`
+    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units (about 1.8x
+    faster epochs there, `bench/epochs.py`), float32 elsewhere."""
     import keras
     import tensorflow as tf
 
-    policy = "mixed_float16" if tf.config.list_physical_devices("GPU") else "float32"
+    policy = precision
+    if precision == "auto":
+        if tf.config.list_physical_devices("GPU"):
+            policy = "mixed_float16"
+        elif "amx_bf16" in cpu_flags():
+            policy = "mixed_bfloat16"
+        else:
+            policy = "float32"
     if keras.mixed_precision.global_policy().name != policy:
         keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
 def augmentation(params: TrainParams, seed: int):
@@ -177,7 +199,7 @@ def train(
     keras.utils.set_random_seed(params.seed)
     if params.deterministic:
         tf.config.experimental.enable_op_determinism()
-    configure_device()
+    policy = configure_device(params.precision)
     steps = -(-len(data.y_train) // params.batch_size)
     rate = learning_rate(config.learning_rate, params, steps)
     model = build_model(
@@ -202,6 +224,7 @@ def train(
             callbacks=[*_callbacks(params, config.learning_rate, val_ds is not None), *callbacks],
         )
     seconds = time.perf_counter() - start
+    log.debug("trained in %.1f s under the %s policy", seconds, policy)
     history = {k: [float(v) for v in fit.history.get(k, [])] for k in HISTORY_KEYS}
     metrics = {
         **_best_epoch(history),
@@ -210,7 +233,7 @@ def train(
         "macs": count_macs(layers),
         "train_seconds": seconds,
     }
-    return TrainResult(metrics, history, model)
+    return TrainResult(metrics, history, model, policy)
 
 
 def _best_epoch(history: dict[str, list[float]]) -> dict[str, float]:
@@ -283,6 +306,7 @@ def train_tracked(
             with atomic_path(checkpoint) as out:
                 shutil.copyfile(Path(tmp, "best.keras"), out)
         tracker.log_metrics(run_id, result.metrics)
+        tracker.set_tags(run_id, {"precision": result.precision})
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

@@ -117,7 +117,7 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
             attrs={"epochs_run": counter.epochs},
         )
     attrs = {k: result.metrics[k] for k in RESULT_ATTRS}
-    attrs |= {"history": result.history, "metrics": result.metrics}
+    attrs |= {"history": result.history, "metrics": result.metrics, "precision": result.precision}
     return Outcome(
         "COMPLETE",
         result.metrics[job.experiment.objective],
@@ -264,6 +264,7 @@ def _record(
                 outcome.model.save(Path(tmp) / "best.keras")
                 tracker.log_artifact(run_id, Path(tmp) / "best.keras", "checkpoint")
             outcome.attrs["checkpoint_run_id"] = run_id
+            tags["precision"] = outcome.attrs["precision"]
         else:
             tags["reused_from"] = outcome.attrs["reused_from"]
     elif outcome.state == "PRUNED":

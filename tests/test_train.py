@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -123,6 +124,57 @@ def _undo_op_determinism():
     disable = getattr(tf_config, "disable_op_determinism", None)
     if not was_on and disable is not None:
         disable()
+
+
+@pytest.fixture
+def _float32_afterwards():
+    """A dtype policy is global to the process: put Keras's default back."""
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.usefixtures("_float32_afterwards")
+def test_a_model_trains_in_the_precision_asked_for(digits):
+    params = TrainParams(epochs=3, batch_size=32, seed=0, precision="mixed_bfloat16")
+
+    result = train(OPTIONS["pooling-max"], params, digits)
+
+    conv = result.model.get_layer("conv0")
+    assert result.precision == "mixed_bfloat16"
+    assert (conv.compute_dtype, conv.kernel.dtype) == ("bfloat16", "float32")
+    probabilities = result.model.predict(digits.x_val, verbose=0)
+    assert probabilities.dtype == np.float32  # the softmax stays float32
+    assert np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
+    assert result.metrics["val_accuracy"] > 0.5  # it learned: 10 classes, chance is 0.1
+
+
+@pytest.mark.usefixtures("_float32_afterwards")
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(digits):
+    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 where /proc/cpuinfo lists AMX bf16
+    units, float32 elsewhere."""
+    import tensorflow as tf
+
+    cpuinfo = Path("/proc/cpuinfo")
+    amx = cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text().split()
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    expected = "mixed_float16" if gpu else "mixed_bfloat16" if amx else "float32"
+
+    result = train(_config(BASE), TrainParams(epochs=1, precision="auto"), digits)
+
+    assert result.precision == expected
+    assert result.model.get_layer("conv0").compute_dtype == expected.removeprefix("mixed_")
+
+
+def test_an_unknown_precision_in_params_yaml_is_one_line(tmp_path, run_cmd, write_params):
+    write_params(tmp_path / "params.yaml", train={"precision": "bf16"})
+
+    result = run_cmd(["ablate", "train"], cwd=tmp_path)
+
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "params.yaml" in lines[0] and "precision" in lines[0] and "bf16" in lines[0]
+    assert "mixed_bfloat16" in lines[0]  # what to write instead
 
 
 @pytest.mark.usefixtures("_undo_op_determinism")
