@@ -78,7 +78,7 @@ def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: 
         )
     lines += [
         "",
-        f"| level | effect vs {study.base_level} | {pct}% interval | P(beats base) | "
+        f"| level | effect vs {study.base_level} | {pct}% interval, alone | P(beats base) | "
         "p (Holm) | method | verdict |",
         "|---|---|---|---|---|---|---|",
     ]

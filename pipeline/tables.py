@@ -66,9 +66,9 @@ def summary_table(studies: list[FactorStudy], confidence: float) -> list[str]:
     """One row per level compared with its base, across every single-factor study."""
     pct = round(confidence * 100)
     lines = [
-        f"| study | level vs base | effect | {pct}% interval | P(beats base) | verdict | "
-        "params | MACs |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| study | level vs base | effect | {pct}% interval, alone | P(beats base) | "
+        "p (Holm) | verdict | params | MACs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for study in studies:
         for s in study.stats:
@@ -77,8 +77,8 @@ def summary_table(studies: list[FactorStudy], confidence: float) -> list[str]:
             effect = f"{s.effect:+.4f}" if s.effect is not None else "-"
             lines.append(
                 f"| {study.name} | {s.level} vs {study.base_level} | {effect} | "
-                f"{interval_text(s)} | {fmt(s.p_better, 2)} | {verdict_text(s)} | "
-                f"{fmt(s.n_params)} | {fmt(s.macs)} |"
+                f"{interval_text(s)} | {fmt(s.p_better, 2)} | {fmt(s.p_adjusted, 3)} | "
+                f"{verdict_text(s)} | {fmt(s.n_params)} | {fmt(s.macs)} |"
             )
     return lines
 
@@ -96,9 +96,12 @@ def method_note(studies: list[FactorStudy], confidence: float, min_effect: float
         "Effects are differences in the mean objective against the study's base level. A "
         "seed fixes the validation split, the data order and the initial weights for every "
         "level, so levels are compared seed by seed (a paired t interval; Welch's where "
-        f"seeds do not pair). Intervals are {round(confidence * 100)}% t intervals. A level "
+        f"seeds do not pair). Intervals are {round(confidence * 100)}% t intervals of each "
+        "comparison alone. A level "
         f"is a real effect when its {judged} is below {1 - confidence:.2f} and its effect "
-        f"is at least {min_effect:g}; with fewer than two trials it gets no verdict. "
+        f"is at least {min_effect:g}; with fewer than two trials it gets no verdict. So an "
+        "interval that leaves out zero can still be within noise: it answers for one "
+        "comparison, the verdict for all of them. "
         "P(beats base) is the share of seeds where the level scored higher. Trials per "
         f"level: {', '.join(map(str, seeds)) or 'none'}; with three, only effects several "
         "times the seed-to-seed spread can be called real."
@@ -120,8 +123,9 @@ def study_answer(
         f"paired by seed, {pct}% t intervals, verdicts with Holm over this study's "
         "comparisons (the report judges every study together).",
         "",
-        f"| level | trials | mean | std | effect | {pct}% interval | P(beats base) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| level | trials | mean | std | effect | {pct}% interval, alone | P(beats base) | "
+        "p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     metrics: dict[str, float] = {}
     for s in study.stats:
@@ -129,7 +133,7 @@ def study_answer(
         lines.append(
             f"| {s.level}{' (base)' if base else ''} | {s.n} | {fmt(s.mean)} | {fmt(s.std)} | "
             f"{fmt(s.effect)} | {interval_text(s)} | {fmt(s.p_better, 2)} | "
-            f"{'-' if base else verdict_text(s)} |"
+            f"{'-' if base else fmt(s.p_adjusted, 3)} | {'-' if base else verdict_text(s)} |"
         )
         for key in ("mean", "std", "effect", "ci_low", "ci_high", "p_better"):
             value = getattr(s, key)

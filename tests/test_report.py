@@ -15,8 +15,8 @@ from pipeline.outputs import flat_summary, to_html
 from pipeline.params import Paths
 from pipeline.records import TrialRecord
 from pipeline.report import build_report
-from pipeline.stats import at_best_rates, level_effects, pareto_front
-from pipeline.tables import regularization_answer
+from pipeline.stats import at_best_rates, judge, level_effects, pareto_front
+from pipeline.tables import FactorStudy, regularization_answer, summary_table
 
 SETTINGS = types.SimpleNamespace(confidence=0.95, min_effect=0.001)
 HISTORY = {
@@ -77,6 +77,41 @@ def test_an_effect_inside_the_seed_noise_is_not_real():
     ]
     stats = {s.level: s for s in level_effects(trials, "pooling", "max")}
     assert stats["avg"].real_effect is False
+
+
+def test_the_summary_shows_the_adjusted_p_beside_an_interval_of_one_comparison():
+    """Three seeds a level, one level 0.013 worse with a per-seed spread of 0.003: its
+    interval alone leaves out zero (p about 0.02), but over nine comparisons Holm's
+    adjusted p is above 0.05, so the row says "within noise" and shows why."""
+    rng = np.random.default_rng(0)
+    studies = []
+    for k in range(9):
+        records = []
+        for seed in range(3):
+            base = 0.98 + rng.normal(0, 0.005)
+            shift = -0.013 if k == 0 else 0.0
+            noise = (-0.003, 0.003, 0.0)[seed] if k == 0 else rng.normal(0, 0.005)
+            for level, value in (("a", base), ("b", base + shift + noise)):
+                records.append(
+                    TrialRecord(len(records), "COMPLETE", {"f": level, "seed": seed}, value)
+                )
+        stats = level_effects(records, "f", "a", judged=False)
+        studies.append(FactorStudy(f"study{k}", None, "f", "a", records, {}, stats))
+    for study, stats in zip(studies, judge([s.stats for s in studies]), strict=True):
+        study.stats = stats
+    shifted = next(s for s in studies[0].stats if s.level == "b")
+    assert shifted.ci_high < 0 and shifted.p_value < 0.05 <= shifted.p_adjusted
+
+    lines = summary_table(studies, 0.95)
+
+    assert lines[0].split(" | ")[3:7] == [
+        "95% interval, alone",
+        "P(beats base)",
+        "p (Holm)",
+        "verdict",
+    ]
+    row = [cell.strip() for cell in lines[2].split("|")]
+    assert row[2] == "b vs a" and row[6] == f"{shifted.p_adjusted:.3f}" and row[7] == "within noise"
 
 
 def test_pruned_and_failed_trials_are_counted_not_averaged():
