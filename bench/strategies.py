@@ -1,87 +1,122 @@
 """Each submission strategy's score, side by side, on one finished pipeline run.
 
 Takes a workspace where `dvc repro` has run (for example the one `end_to_end.py --keep`
-leaves), runs `ablate submit` there once per strategy (`best`, `refit`, `ensemble`) with
-`-S submit.strategy=...`, and scores each submission against the solution file. Also
-prints each one's held-out estimate and interval from its sidecar, to compare with the
-score. The workspace's own submission is restored afterwards.
+leaves) and builds, with `pipeline.ensemble` itself, every model a submission can average:
+the best checkpoint (`best`), the top `max(--members)` configurations refit on all
+labelled data (seeds 0, 1, ...), and each of those configurations' trial checkpoints (one
+per seed, from MLflow). Each model predicts the test and held-out images once; then each
+variant averages its share of them:
 
-Run: python bench/strategies.py --repo /tmp/bench-e2e-XXXX/repo
+- `best`; `refit` (the top configuration refit); `ensemble of K` (the top K refit);
+- `+ trial checkpoints` (`submit.trial_checkpoints`): the same, also averaging the chosen
+  configurations' trial checkpoints.
+
+So every variant is scored against the solution file on the very same models, and only
+the refits train (their seconds are printed). The held-out estimate with its 95% Wilson
+interval is printed beside each score. Nothing in the workspace changes.
+
+Run: python bench/strategies.py --repo /tmp/bench-e2e-XXXX/repo --members 3 5
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import subprocess
-import sys
+import dataclasses
+import tempfile
 from pathlib import Path
 
 import common
+import numpy as np
 from score_submission import score
-
-STRATEGIES = ("best", "refit", "ensemble")
 
 
 def parse_args():
     parser = common.make_parser(__doc__)
     parser.add_argument("--repo", type=Path, required=True, help="a workspace after dvc repro")
     parser.add_argument("--solution", type=Path, default=common.MNIST_SOLUTION)
-    parser.add_argument("--members", type=int, default=3, help="ensemble size (default: 3)")
+    parser.add_argument(
+        "--members", type=int, nargs="+", default=[3], help="ensemble sizes (default: 3)"
+    )
     return parser.parse_args()
-
-
-def submit(repo: Path, strategy: str, members: int) -> dict:
-    """`ablate submit` with this strategy; returns its sidecar and the seconds it took."""
-    import yaml
-
-    params = repo / "params.yaml"
-    raw = yaml.safe_load(params.read_text())
-    raw.setdefault("submit", {}).update(strategy=strategy, members=members)
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    ablate = Path(sys.executable).parent / "ablate"
-    env = {**os.environ, "PYTHONPATH": str(repo)}  # the workspace's own pipeline package
-    with common.Stopwatch() as clock:
-        result = subprocess.run(
-            [str(ablate), "submit"], cwd=repo, env=env, capture_output=True, text=True, check=False
-        )
-    if result.returncode != 0:
-        raise common.UserError(f"ablate submit ({strategy}) failed:\n{result.stderr[-2000:]}")
-    sidecar = json.loads((repo / "submissions" / "submission.json").read_text())
-    return {**sidecar, "seconds": clock.seconds}
 
 
 def main() -> None:
     args = parse_args()
     common.setup_logging(args.verbose)
-    repo = args.repo
+    repo = args.repo.resolve()
     if not (repo / "dvc.lock").is_file():
         raise common.UserError(f"--repo {repo}: no dvc.lock; run dvc repro there first")
-    saved = {n: (repo / n).read_bytes() for n in ("params.yaml",)}
-    kept = repo / "submissions.before-strategies"
-    shutil.copytree(repo / "submissions", kept, dirs_exist_ok=True)
-    rows = []
-    try:
-        for strategy in STRATEGIES:
-            sidecar = submit(repo, strategy, args.members)
-            result = score(repo / "submissions" / "submission.csv", args.solution)
-            rows.append((strategy, result, sidecar))
-            common.note(f"{strategy}: {result.accuracy:.4f} in {sidecar['seconds']:.0f} s")
-    finally:
-        for name, data in saved.items():
-            (repo / name).write_bytes(data)
-        shutil.copytree(kept, repo / "submissions", dirs_exist_ok=True)
-        shutil.rmtree(kept)
-    print("| strategy | members | score | held-out estimate [95% CI] | seconds |")
+    with common.working_directory(repo):
+        rows = measure(repo, args.solution.resolve(), sorted(set(args.members)))
+    print("| variant | configurations | models | score | held-out estimate [95% CI] |")
     print("|---|---|---|---|---|")
-    for strategy, result, sidecar in rows:
-        low, high = sidecar.get("holdout_ci95") or (float("nan"), float("nan"))
+    for name, configs, models, result, held in rows:
         print(
-            f"| {strategy} | {len(sidecar['members'])} | {result.accuracy:.4f} "
-            f"({result.correct}/{result.total}) | {sidecar['holdout_accuracy']:.4f} "
-            f"[{low:.4f}, {high:.4f}] | {sidecar['seconds']:.0f} |"
+            f"| {name} | {configs} | {models} | {result.accuracy:.4f} "
+            f"({result.correct}/{result.total}) | {held} |"
         )
+
+
+def measure(repo: Path, solution: Path, sizes: list[int]) -> list[tuple]:
+    from pipeline import ensemble
+    from pipeline.config import load_config
+    from pipeline.csvfiles import read_csv
+    from pipeline.dataset import load_prepared
+    from pipeline.submit import make_submission
+
+    config = load_config(repo / "params.yaml")
+    config = dataclasses.replace(
+        config, submit=dataclasses.replace(config.submit, trial_checkpoints=True)
+    )
+    data = load_prepared(config.paths.prepared)
+    sample = read_csv(config.paths.raw_data(config.data.competition) / "sample_submission.csv")
+    batch = config.submit.batch_size
+
+    def outputs(models: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [
+            (
+                ensemble.probabilities([m], data.x_test, data, batch),
+                ensemble.probabilities([m], data.x_holdout, data, batch)
+                if len(data.y_holdout)
+                else None,
+            )
+            for m in models
+        ]
+
+    best = outputs(ensemble.best_checkpoint(config).models)
+    with common.Stopwatch() as clock:
+        members = ensemble.refits(config, data, max(sizes))
+    common.note(f"{max(sizes)} refits and their trial checkpoints in {clock.seconds:.0f} s")
+    refits = outputs(members.models[: len(members.described)])
+    rest, checkpoints = outputs(members.models[len(members.described) :]), []
+    for described in members.described:
+        n = len(described["trial_checkpoints"])
+        checkpoints.append(rest[:n])
+        rest = rest[n:]
+
+    def scored(name: str, configs: int, chosen: list) -> tuple:
+        test = np.mean([t for t, _ in chosen], axis=0)
+        submission = make_submission(test.argmax(axis=1), data, sample)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "submission.csv"
+            submission.to_csv(path, index=False)
+            result = score(path, solution)
+        held = "-"
+        if len(data.y_holdout):
+            correct = int(
+                (np.mean([h for _, h in chosen], axis=0).argmax(1) == data.y_holdout).sum()
+            )
+            low, high = ensemble.wilson(correct, len(data.y_holdout))
+            held = f"{correct / len(data.y_holdout):.4f} [{low:.4f}, {high:.4f}]"
+        common.note(f"{name}: {result}")
+        return name, configs, len(chosen), result, held
+
+    rows = [scored("best", 1, best)]
+    for k in [1, *sizes]:
+        label = "refit" if k == 1 else f"ensemble of {k}"
+        rows.append(scored(label, k, refits[:k]))
+        with_checkpoints = refits[:k] + [c for member in checkpoints[:k] for c in member]
+        rows.append(scored(f"{label} + trial checkpoints", k, with_checkpoints))
+    return rows
 
 
 if __name__ == "__main__":

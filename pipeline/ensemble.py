@@ -7,6 +7,11 @@
 - `ensemble`: the top `submit.members` distinct configurations, each refit like that
   (seeds 0, 1, ...), their softmax outputs averaged.
 
+With `submit.trial_checkpoints`, `refit` and `ensemble` also average each chosen
+configuration's own trial checkpoints, one per seed, as its sweeps trained them on that
+seed's training split and logged them to MLflow: more models at no training cost. They
+never saw the held-out images either.
+
 Every member's probabilities are averaged; the held-out images, which no selection saw,
 then give the submission's expected accuracy once.
 """
@@ -119,7 +124,35 @@ def refits(config: Config, data: Dataset, count: int) -> Members:
         )
         models.append(training.train(candidate.config, recipe, everything).model)
         described.append(candidate.summary() | {"refit_seed": seed})
+    if config.submit.trial_checkpoints:
+        for candidate, entry in zip(ranked[:count], described, strict=True):
+            loaded = trial_checkpoints(config, candidate.runs)
+            models.extend(loaded.values())
+            entry["trial_checkpoints"] = list(loaded)
     return Members(models, described)
+
+
+def trial_checkpoints(config: Config, runs: tuple[str | None, ...]) -> dict[str, Any]:
+    """run id -> the checkpoint its trial logged to MLflow; one that cannot be read is
+    left out with a warning (the ensemble is then smaller, never wrong)."""
+    import tempfile
+    from pathlib import Path
+
+    import keras
+
+    from pipeline.tracking import Tracker
+    from pipeline.trial import CHECKPOINT
+
+    tracker = Tracker.connect(config.tracking.uri, config.tracking.experiment)
+    loaded = {}
+    for run_id in filter(None, runs):
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = tracker.download_artifact(run_id, CHECKPOINT, Path(tmp))
+                loaded[run_id] = keras.models.load_model(path)
+        except Exception as exc:  # a store that lost it: the ensemble goes on without it
+            log.warning("submit: trial checkpoint of run %s left out: %s", run_id, exc)
+    return loaded
 
 
 def members(config: Config, data: Dataset) -> Members:

@@ -290,6 +290,8 @@ class SubmitParams:
     members: int = 3
     experiment: str | None = None  # `best` only: this study's model instead of the best
     batch_size: int = 512
+    # refit and ensemble: also average each chosen config's trial checkpoints (one a seed)
+    trial_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         if self.members < 1:

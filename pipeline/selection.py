@@ -58,6 +58,7 @@ class Candidate:
     values: tuple[float, ...]  # the objective, one per trial (seed)
     best_epochs: tuple[int, ...]
     trials: tuple[str, ...]  # "study#number" of each trial
+    runs: tuple[str | None, ...] = ()  # the MLflow run holding each trial's checkpoint
 
     @property
     def mean(self) -> float:
@@ -101,7 +102,8 @@ def rank_candidates(
                 key, {"config": config, "train": recipe, "label": label, "rows": []}
             )
             epoch = int(record.attrs.get("best_epoch", recipe.epochs))
-            entry["rows"].append((record.value, epoch, f"{name}#{record.number}"))
+            run = record.attrs.get("checkpoint_run_id", record.run_id)
+            entry["rows"].append((record.value, epoch, f"{name}#{record.number}", run))
     candidates = [
         Candidate(
             e["config"],

@@ -127,6 +127,7 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
     sidecar = {
         "strategy": settings.strategy,
         "members": members.described,
+        "n_models": len(members.models),
         **estimate,
         "experiment": chosen.get("experiment"),
         "study": chosen.get("study"),
@@ -167,6 +168,7 @@ def submission_scores(sidecar: dict[str, Any]) -> dict[str, float]:
         "holdout_ci95_high": high,
         "holdout_n": sidecar["holdout_n"],
         "n_members": len(sidecar["members"]),
+        "n_models": sidecar.get("n_models"),
     }
     return {k: v for k, v in scores.items() if v is not None}
 

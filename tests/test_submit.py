@@ -220,7 +220,47 @@ def test_refit_and_ensemble_submissions_say_what_they_are_and_what_to_expect(
         "holdout_ci95_high": high,
         "holdout_n": len(held),
         "n_members": members,
+        "n_models": members,
     }
     assert {k: run.data.metrics[k] for k in scores} == pytest.approx(scores)
     written = pd.read_csv(swept.root / "submissions" / "submission.csv")
     assert len(written) == sidecar["rows"]
+
+
+def test_an_ensemble_also_averages_its_members_trial_checkpoints(swept, monkeypatch, caplog):
+    """`submit.trial_checkpoints`: each member's own trials (both seeds) join its refit;
+    a checkpoint the MLflow store lost is left out with a warning, not a failure."""
+    monkeypatch.chdir(swept.root)
+    common = {"experiments": ["padding"], "train": {"epochs": 2}}
+    from pipeline.ensemble import members as ensemble_members
+
+    data = load_prepared(swept.prepared)
+    swept.configure(
+        **common, submit={"strategy": "ensemble", "members": 2, "trial_checkpoints": True}
+    )
+    chosen = ensemble_members(swept.config(), data)
+
+    assert len(chosen.models) == 2 + 2 * 2  # two refits, two seeds' checkpoints each
+    by_run = {r.info.run_id: r for r in swept.client.search_runs([_experiment_id(swept)])}
+    for member in chosen.described:
+        runs = member["trial_checkpoints"]
+        assert len(runs) == 2
+        level = "same" if member["label"] == "base" else member["label"].split("=")[1]
+        for run_id in runs:  # each a trial run of this very configuration
+            run = by_run[run_id]
+            assert run.data.params["trial.padding"] == level
+            assert run.data.tags["state"] == "COMPLETE"
+    lost = chosen.described[0]["trial_checkpoints"][0]
+    artifact = Path(swept.client.get_run(lost).info.artifact_uri.removeprefix("file://"))
+    (artifact / "checkpoint" / "best.keras").unlink()
+
+    with caplog.at_level("WARNING"):
+        fewer = ensemble_members(swept.config(), data)
+
+    assert len(fewer.models) == len(chosen.models) - 1
+    assert lost not in fewer.described[0]["trial_checkpoints"]
+    assert f"trial checkpoint of run {lost} left out" in caplog.text
+
+
+def _experiment_id(project) -> str:
+    return project.client.get_experiment_by_name(project.tracking_experiment).experiment_id
