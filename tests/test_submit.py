@@ -193,7 +193,7 @@ def test_refit_and_ensemble_submissions_say_what_they_are_and_what_to_expect(
         experiments=["padding"],
         train={"epochs": 2},
         sweep={"n_trials": 4, "n_workers": 1},
-        submit={"strategy": strategy, "members": members},
+        submit={"strategy": strategy, "members": members, "trial_checkpoints": False},
     )
     assert swept.cli("submit") == 0
 
