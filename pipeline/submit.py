@@ -143,10 +143,12 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
     write_json(paths.submission_json, sidecar)
     held = estimate["holdout_accuracy"]
     log.info(
-        "submit: wrote %s (%d rows), strategy %s with %d member(s); held-out accuracy %s",
+        "submit: wrote %s (%d rows), strategy %s: %d configuration(s), %d model(s); "
+        "held-out accuracy %s",
         csv,
         len(submission),
         settings.strategy,
+        len(members.described),
         len(members.models),
         "n/a (prepare.holdout_fraction is 0)"
         if held is None

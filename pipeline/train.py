@@ -53,8 +53,8 @@ class TrainResult:
 
 def configure_device(precision: str = "auto") -> str:
     """Set Keras's dtype policy for `precision` (`train.precision`) and return it. `auto`
-    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units (about 1.8x
-    faster epochs there, `bench/epochs.py`), float32 elsewhere."""
+    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units (the base
+    model's epoch in 0.53x the time there, `bench/README.md`), float32 elsewhere."""
     import keras
     import tensorflow as tf
 
