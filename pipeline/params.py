@@ -149,7 +149,7 @@ class PrepareParams:
 
 Split = Literal["fixed", "per_seed"]
 Schedule = Literal["constant", "cosine", "plateau"]
-# auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units, else float32
+# auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX or AVX-512 BF16, else float32
 Precision = Literal["auto", "float32", "mixed_bfloat16", "mixed_float16"]
 
 

@@ -53,8 +53,9 @@ class TrainResult:
 
 def configure_device(precision: str = "auto") -> str:
     """Set Keras's dtype policy for `precision` (`train.precision`) and return it. `auto`
-    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX bf16 units (the base
-    model's epoch in 0.53x the time there, `bench/README.md`), float32 elsewhere."""
+    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bfloat16 instructions (AMX or
+    AVX-512 BF16: the base model's epoch in 0.53x the time on one, 0.55x on the other,
+    `bench/README.md`), float32 elsewhere."""
     import keras
     import tensorflow as tf
 
@@ -62,13 +63,18 @@ def configure_device(precision: str = "auto") -> str:
     if precision == "auto":
         if tf.config.list_physical_devices("GPU"):
             policy = "mixed_float16"
-        elif "amx_bf16" in cpu_flags():
+        elif cpu_flags() & BFLOAT16_FLAGS:
             policy = "mixed_bfloat16"
         else:
             policy = "float32"
     if keras.mixed_precision.global_policy().name != policy:
         keras.mixed_precision.set_global_policy(policy)
     return policy
+
+
+# /proc/cpuinfo flags of CPUs whose oneDNN kernels compute in bfloat16: Intel's AMX units
+# (Xeon 4th generation on) and AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 on).
+BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def cpu_flags() -> set[str]:

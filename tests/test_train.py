@@ -149,15 +149,16 @@ def test_a_model_trains_in_the_precision_asked_for(digits):
 
 
 @pytest.mark.usefixtures("_float32_afterwards")
-def test_auto_precision_is_bfloat16_only_on_a_cpu_with_amx(digits):
-    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 where /proc/cpuinfo lists AMX bf16
-    units, float32 elsewhere."""
+def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(digits):
+    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 where /proc/cpuinfo lists AMX or
+    AVX-512 bfloat16 instructions, float32 elsewhere."""
     import tensorflow as tf
 
     cpuinfo = Path("/proc/cpuinfo")
-    amx = cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text().split()
+    words = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
+    bf16 = bool(words & {"amx_bf16", "avx512_bf16"})
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    expected = "mixed_float16" if gpu else "mixed_bfloat16" if amx else "float32"
+    expected = "mixed_float16" if gpu else "mixed_bfloat16" if bf16 else "float32"
 
     result = train(_config(BASE), TrainParams(epochs=1, precision="auto"), digits)
 
