@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.dataset import Dataset, labelled_for_refit
 from pipeline.errors import UserError
+from pipeline.model import predict_probabilities
 from pipeline.selection import finished_studies, rank_candidates, wilson
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def probabilities(models: list, x: np.ndarray, data: Dataset, batch_size: int) -
                 f"the model expects images of {expected} but the test images are "
                 f"{tuple(data.meta.image_shape)}; run the sweeps again"
             )
-        out = np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float64)
+        out = predict_probabilities(model, x, batch_size)
         total = out if total is None else total + out
     return total / len(models)
 

@@ -257,5 +257,19 @@ def build_model(
 
 def predict_labels(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Class index per image, predicted in batches."""
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(probabilities).argmax(axis=1)
+    return predict_probabilities(model, x, batch_size).argmax(axis=1)
+
+
+def predict_probabilities(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The model's softmax output per image, in batches, as float64. Called eagerly:
+    `model.predict` traces a graph for each model, and TensorFlow warns about retracing
+    once an ensemble passes five models."""
+    import keras
+
+    batches = [
+        keras.ops.convert_to_numpy(model(x[start : start + batch_size], training=False))
+        for start in range(0, len(x), batch_size)
+    ]
+    if not batches:
+        return np.zeros((0, int(model.output_shape[-1])))
+    return np.concatenate(batches).astype(np.float64)
