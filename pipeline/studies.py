@@ -1,5 +1,5 @@
-"""Optuna's studies behind one door: with `pipeline.storages` (where a study lives), the
-only modules that import Optuna.
+"""Optuna's studies, behind one door: this and `pipeline.storages` (where a study lives)
+are the only modules that import Optuna.
 
 A `Study` is one experiment's study in a storage (SQLite, PostgreSQL/MySQL with Optuna's
 heartbeat, or Redis through the journal storage). Its whole budget is queued up front as
