@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,17 @@ REPO_FILES = (
 REPO_DIRS = ("pipeline", "experiments")
 
 LAYOUTS = ("digit-recognizer", "kannada")
+
+
+@pytest.fixture(autouse=True)
+def _keras_default_dtype_policy():
+    """Keras's dtype policy is global to the process, and `train.precision: auto` sets
+    bfloat16 on some CPUs: each test leaves Keras's float32 default behind it."""
+    yield
+    if "keras" in sys.modules:
+        keras = sys.modules["keras"]
+        if keras.mixed_precision.global_policy().name != "float32":
+            keras.mixed_precision.set_global_policy("float32")
 
 
 @dataclass(frozen=True)

@@ -126,14 +126,6 @@ def _undo_op_determinism():
         disable()
 
 
-@pytest.fixture
-def _float32_afterwards():
-    """A dtype policy is global to the process: put Keras's default back."""
-    yield
-    keras.mixed_precision.set_global_policy("float32")
-
-
-@pytest.mark.usefixtures("_float32_afterwards")
 def test_a_model_trains_in_the_precision_asked_for(digits):
     params = TrainParams(epochs=3, batch_size=32, seed=0, precision="mixed_bfloat16")
 
@@ -148,7 +140,6 @@ def test_a_model_trains_in_the_precision_asked_for(digits):
     assert result.metrics["val_accuracy"] > 0.5  # it learned: 10 classes, chance is 0.1
 
 
-@pytest.mark.usefixtures("_float32_afterwards")
 def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(digits):
     """`auto`: mixed_float16 on a GPU, mixed_bfloat16 where /proc/cpuinfo lists AMX or
     AVX-512 bfloat16 instructions, float32 elsewhere."""
