@@ -9,13 +9,15 @@ variant averages its share of them:
 
 - `best`; `refit` (the top configuration refit); `ensemble of K` (the top K refit);
 - `+ trial checkpoints` (`submit.trial_checkpoints`): the same, also averaging the chosen
-  configurations' trial checkpoints.
+  configurations' trial checkpoints;
+- each of these again `+ TTA` (`submit.tta_rotation`, `--tta` degrees): every model also
+  predicts the images turned that many degrees each way, the three predictions averaged.
 
 So every variant is scored against the solution file on the very same models, and only
 the refits train (their seconds are printed). The held-out estimate with its 95% Wilson
 interval is printed beside each score. Nothing in the workspace changes.
 
-Run: python bench/strategies.py --repo /tmp/bench-e2e-XXXX/repo --members 3 5
+Run: python bench/strategies.py --repo /tmp/bench-e2e-XXXX/repo --members 3 5 --tta 8
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def parse_args():
     parser.add_argument(
         "--members", type=int, nargs="+", default=[3], help="ensemble sizes (default: 3)"
     )
+    parser.add_argument(
+        "--tta", type=float, default=8.0, help="test-time rotation in degrees (default: 8)"
+    )
     return parser.parse_args()
 
 
@@ -46,7 +51,7 @@ def main() -> None:
     if not (repo / "dvc.lock").is_file():
         raise common.UserError(f"--repo {repo}: no dvc.lock; run dvc repro there first")
     with common.working_directory(repo):
-        rows = measure(repo, args.solution.resolve(), sorted(set(args.members)))
+        rows = measure(repo, args.solution.resolve(), sorted(set(args.members)), args.tta)
     print("| variant | configurations | models | score | held-out estimate [95% CI] |")
     print("|---|---|---|---|---|")
     for name, configs, models, result, held in rows:
@@ -56,7 +61,7 @@ def main() -> None:
         )
 
 
-def measure(repo: Path, solution: Path, sizes: list[int]) -> list[tuple]:
+def measure(repo: Path, solution: Path, sizes: list[int], turn: float) -> list[tuple]:
     from pipeline import ensemble
     from pipeline.config import load_config
     from pipeline.csvfiles import read_csv
@@ -71,16 +76,22 @@ def measure(repo: Path, solution: Path, sizes: list[int]) -> list[tuple]:
     sample = read_csv(config.paths.raw_data(config.data.competition) / "sample_submission.csv")
     batch = config.submit.batch_size
 
-    def outputs(models: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [
-            (
-                ensemble.probabilities([m], data.x_test, data, batch),
-                ensemble.probabilities([m], data.x_holdout, data, batch)
-                if len(data.y_holdout)
-                else None,
+    test_views = ensemble.views(data.x_test, turn)
+    held_views = ensemble.views(data.x_holdout, turn) if len(data.y_holdout) else []
+
+    def outputs(models: list) -> list[dict[bool, tuple]]:
+        """Per model, its (test, held-out) probabilities without and with TTA."""
+        found = []
+        for m in models:
+            test = [ensemble.probabilities([m], v, data, batch) for v in test_views]
+            held = [ensemble.probabilities([m], v, data, batch) for v in held_views]
+            found.append(
+                {
+                    False: (test[0], held[0] if held else None),
+                    True: (np.mean(test, axis=0), np.mean(held, axis=0) if held else None),
+                }
             )
-            for m in models
-        ]
+        return found
 
     best = outputs(ensemble.best_checkpoint(config).models)
     with common.Stopwatch() as clock:
@@ -93,7 +104,9 @@ def measure(repo: Path, solution: Path, sizes: list[int]) -> list[tuple]:
         checkpoints.append(rest[:n])
         rest = rest[n:]
 
-    def scored(name: str, configs: int, chosen: list) -> tuple:
+    def scored(name: str, configs: int, chosen: list, tta: bool) -> tuple:
+        name = f"{name} + TTA" if tta else name
+        chosen = [model[tta] for model in chosen]
         test = np.mean([t for t, _ in chosen], axis=0)
         submission = make_submission(test.argmax(axis=1), data, sample)
         with tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +123,14 @@ def measure(repo: Path, solution: Path, sizes: list[int]) -> list[tuple]:
         common.note(f"{name}: {result}")
         return name, configs, len(chosen), result, held
 
-    rows = [scored("best", 1, best)]
-    for k in [1, *sizes]:
-        label = "refit" if k == 1 else f"ensemble of {k}"
-        rows.append(scored(label, k, refits[:k]))
-        with_checkpoints = refits[:k] + [c for member in checkpoints[:k] for c in member]
-        rows.append(scored(f"{label} + trial checkpoints", k, with_checkpoints))
+    rows = []
+    for tta in (False, True):
+        rows.append(scored("best", 1, best, tta))
+        for k in [1, *sizes]:
+            label = "refit" if k == 1 else f"ensemble of {k}"
+            rows.append(scored(label, k, refits[:k], tta))
+            with_checkpoints = refits[:k] + [c for member in checkpoints[:k] for c in member]
+            rows.append(scored(f"{label} + trial checkpoints", k, with_checkpoints, tta))
     return rows
 
 

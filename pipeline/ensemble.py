@@ -12,8 +12,10 @@ configuration's own trial checkpoints, one per seed, as its sweeps trained them 
 seed's training split and logged them to MLflow: more models at no training cost. They
 never saw the held-out images either.
 
-Every member's probabilities are averaged; the held-out images, which no selection saw,
-then give the submission's expected accuracy once.
+Every member's probabilities are averaged; with `submit.tta_rotation` (test-time
+augmentation) each member also predicts every image turned that many degrees either way,
+and its three predictions join the average. The held-out images, which no selection saw,
+then give the submission's expected accuracy once, predicted the same way.
 """
 
 from __future__ import annotations
@@ -163,8 +165,27 @@ def members(config: Config, data: Dataset) -> Members:
     return refits(config, data, 1 if strategy == "refit" else config.submit.members)
 
 
-def probabilities(models: list, x: np.ndarray, data: Dataset, batch_size: int) -> np.ndarray:
-    """The members' mean softmax output for `x`; refuses a model made for other data."""
+def views(x: np.ndarray, rotation: float = 0.0) -> list[np.ndarray]:
+    """The images as the members see them: as they are and, for test-time augmentation,
+    also turned `rotation` degrees each way (bilinear, black beyond the edges, as the
+    training augmentation turns them)."""
+    if not rotation:
+        return [x]
+    from scipy import ndimage
+
+    turned = [
+        ndimage.rotate(x, angle, axes=(2, 1), reshape=False, order=1, mode="constant", cval=0.0)
+        for angle in (rotation, -rotation)
+    ]
+    return [x, *turned]
+
+
+def probabilities(
+    models: list, x: np.ndarray, data: Dataset, batch_size: int, rotation: float = 0.0
+) -> np.ndarray:
+    """The members' mean softmax output for `x`, over the `views` of it that `rotation`
+    asks for; refuses a model made for other data."""
+    seen = views(x, rotation)
     total = None
     for model in models:
         n_out = int(model.output_shape[-1])
@@ -180,17 +201,22 @@ def probabilities(models: list, x: np.ndarray, data: Dataset, batch_size: int) -
                 f"the model expects images of {expected} but the test images are "
                 f"{tuple(data.meta.image_shape)}; run the sweeps again"
             )
-        out = predict_probabilities(model, x, batch_size)
-        total = out if total is None else total + out
-    return total / len(models)
+        for view in seen:
+            out = predict_probabilities(model, view, batch_size)
+            total = out if total is None else total + out
+    return total / (len(models) * len(seen))
 
 
-def holdout_estimate(models: list, data: Dataset, batch_size: int) -> dict[str, Any]:
-    """Accuracy on the held-out images with its 95% Wilson interval (None: no holdout)."""
+def holdout_estimate(
+    models: list, data: Dataset, batch_size: int, rotation: float = 0.0
+) -> dict[str, Any]:
+    """Accuracy on the held-out images with its 95% Wilson interval (None: no holdout),
+    predicted as the test images are."""
     n = len(data.y_holdout)
     if n == 0:
         return {"holdout_accuracy": None, "holdout_n": 0}
-    predicted = probabilities(models, data.x_holdout, data, batch_size).argmax(axis=1)
+    predicted = probabilities(models, data.x_holdout, data, batch_size, rotation)
+    predicted = predicted.argmax(axis=1)
     correct = int((predicted == data.y_holdout).sum())
     low, high = wilson(correct, n)
     return {

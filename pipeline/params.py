@@ -292,10 +292,17 @@ class SubmitParams:
     batch_size: int = 512
     # refit and ensemble: also average each chosen config's trial checkpoints (one a seed)
     trial_checkpoints: bool = False
+    # test-time augmentation: each model also sees every image turned this many degrees
+    # either way, and the three predictions are averaged (0: off)
+    tta_rotation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.members < 1:
             raise ValueError("members must be >= 1")
+        if not 0 <= self.tta_rotation <= 45:
+            raise ValueError(
+                f"tta_rotation must be 0 (off) to 45 degrees, e.g. 8; got {self.tta_rotation:g}"
+            )
 
 
 def from_dict(cls: type, data: Any, where: str):

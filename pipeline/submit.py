@@ -117,9 +117,10 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
     data = load_prepared(paths.prepared)
     sample = read_csv(paths.raw_data(competition) / "sample_submission.csv")
     members = ensemble.members(config, data)
-    test = ensemble.probabilities(members.models, data.x_test, data, settings.batch_size)
+    turn = settings.tta_rotation
+    test = ensemble.probabilities(members.models, data.x_test, data, settings.batch_size, turn)
     submission = make_submission(test.argmax(axis=1), data, sample)
-    estimate = ensemble.holdout_estimate(members.models, data, settings.batch_size)
+    estimate = ensemble.holdout_estimate(members.models, data, settings.batch_size, turn)
 
     csv = paths.submission_csv
     write_submission(submission, csv)
@@ -128,6 +129,7 @@ def main(config: Config, upload: bool = False, message: str | None = None) -> di
         "strategy": settings.strategy,
         "members": members.described,
         "n_models": len(members.models),
+        "tta_rotation": turn,
         **estimate,
         "experiment": chosen.get("experiment"),
         "study": chosen.get("study"),
@@ -185,7 +187,11 @@ def _log_to_mlflow(
     labels = [m.get("label") or m.get("experiment") for m in sidecar["members"]]
     run_id = tracker.start_run(
         f"submit-{sidecar['strategy']}",
-        params={"strategy": sidecar["strategy"], "members": " | ".join(map(str, labels))},
+        params={
+            "strategy": sidecar["strategy"],
+            "members": " | ".join(map(str, labels)),
+            "tta_rotation": sidecar["tta_rotation"],
+        },
         tags=provenance(data.meta.competition, data.meta.data_hash),
     )
     tracker.log_metrics(run_id, scores)

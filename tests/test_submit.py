@@ -58,6 +58,7 @@ def test_submission_has_the_sample_layout_and_a_sidecar(project):
     assert written["Label"].between(0, 9).all()
     sidecar = json.loads((project / "submissions" / "submission.json").read_text())
     assert sidecar["experiment"] == "padding" and sidecar["study"] == "padding-x"
+    assert sidecar["tta_rotation"] == load_config("params.yaml").submit.tta_rotation
     assert sidecar["data_hash"] == load_prepared("data/prepared").meta.data_hash
     scores = json.loads(load_config("params.yaml").paths.submission_scores.read_text())
     assert scores["n_members"] == 1 and scores["holdout_accuracy"] == sidecar["holdout_accuracy"]
@@ -109,6 +110,40 @@ def test_an_ensemble_averages_its_members_without_tensorflow_warnings(capfd, cap
     assert np.allclose(mean, np.mean(each, axis=0), atol=1e-6)
     assert np.allclose(mean.sum(axis=1), 1)
     assert "retracing" not in capfd.readouterr().err + caplog.text
+
+
+def test_test_time_augmentation_averages_each_member_over_the_turned_images():
+    """`submit.tta_rotation`: each member also predicts every image turned that many
+    degrees each way, and all those predictions are averaged. A quarter turn moves every
+    pixel exactly onto another, so numpy's `rot90` gives the views to compare with."""
+    from pipeline.ensemble import probabilities
+
+    keras.utils.set_random_seed(0)
+    meta = Meta("digit-recognizer", "ImageId", "Label", True, 3, (6, 6, 1), "h")
+    data = Dataset(*(np.zeros(0),) * 6, meta)
+    models = [_tiny_model((6, 6, 1), 3) for _ in range(2)]
+    x = np.random.default_rng(1).random((9, 6, 6, 1), dtype=np.float32)
+    quarter_turns = [x, np.rot90(x, 1, axes=(1, 2)), np.rot90(x, -1, axes=(1, 2))]
+
+    turned = probabilities(models, x, data, batch_size=4, rotation=90)
+
+    each = [np.asarray(m(v, training=False)) for m in models for v in quarter_turns]
+    assert np.allclose(turned, np.mean(each, axis=0), atol=1e-5)
+    plain = probabilities(models, x, data, batch_size=4, rotation=0)
+    assert np.allclose(plain, np.mean([np.asarray(m(x)) for m in models], axis=0), atol=1e-6)
+    assert not np.allclose(turned, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("value", [-1, 46, "eight"])
+def test_a_bad_tta_rotation_is_refused_with_its_field(project, write_params, capsys, value):
+    write_params(
+        project / "params.yaml", data={"source": "embedded"}, submit={"tta_rotation": value}
+    )
+    assert cli.main(["submit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "submit" in err and "tta_rotation" in err and str(value) in err
+    assert not _csv(project).exists()
 
 
 @pytest.mark.parametrize(
