@@ -155,8 +155,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
 
 def base_config(raw: dict[str, Any]):
     """(ModelConfig, TrainParams) of a params mapping, validated like the pipeline does."""
+    from pipeline.fields import from_dict
     from pipeline.model import ModelConfig
-    from pipeline.params import TrainParams, from_dict
+    from pipeline.params import TrainParams
 
     config = ModelConfig.from_dict(raw.get("model") or {}, "params.yaml: model")
     return config, from_dict(TrainParams, raw.get("train") or {}, "params.yaml: train")
@@ -189,7 +190,8 @@ def fetch_raw(source: str, dest: Path) -> str:
 
 def load_data(source: str, raw: dict[str, Any] | None = None):
     """(Dataset, label) for `--data`, prepared with `params.yaml`'s `prepare` section."""
-    from pipeline.params import DataParams, PrepareParams, from_dict
+    from pipeline.fields import from_dict
+    from pipeline.params import DataParams, PrepareParams
     from pipeline.prepare import prepare
 
     raw = read_params() if raw is None else raw

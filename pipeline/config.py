@@ -18,6 +18,7 @@ import yaml
 
 from pipeline import yamlfile
 from pipeline.errors import UserError
+from pipeline.fields import from_dict
 from pipeline.model import ModelConfig
 from pipeline.params import (
     DataParams,
@@ -28,7 +29,6 @@ from pipeline.params import (
     SweepParams,
     TrackingParams,
     TrainParams,
-    from_dict,
 )
 
 SECTIONS: dict[str, type] = {

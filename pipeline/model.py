@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.params import from_dict
+from pipeline.fields import from_dict
 
 # The allowed values of each categorical field, written once: validation, experiment
 # levels and the docs all read them from these types.

@@ -1,23 +1,21 @@
 """The sections of `params.yaml` as typed, validated dataclasses, and where files live.
 
-Every section is a frozen dataclass; `from_dict` checks one section's keys and value types
-and fails with a `UserError` naming the file, the key and the allowed values. `Paths` is
+Every section is a frozen dataclass; `pipeline.fields.from_dict` checks one section's keys
+and value types and fails with a `UserError` naming the file, the key and the allowed
+values; each `__post_init__` checks what a type cannot say (ranges, names). `Paths` is
 the one place that knows where each stage's outputs go. `pipeline.config` assembles the
 sections into one `Config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pipeline.errors import UserError, redact
+from pipeline.errors import redact
 
 
 @dataclass(frozen=True)
@@ -303,54 +301,3 @@ class SubmitParams:
             raise ValueError(
                 f"tta_rotation must be 0 (off) to 45 degrees, e.g. 8; got {self.tta_rotation:g}"
             )
-
-
-def from_dict(cls: type, data: Any, where: str):
-    """Build dataclass `cls` from `data`, checking keys and types; errors name `where.key`."""
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise UserError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {k: check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    try:
-        return cls(**values)
-    except ValueError as exc:
-        raise UserError(f"{where}: {exc}") from None
-
-
-def check_value(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a simple type hint (int, float, str, bool, Literal, Optional)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        inner = [o for o in options if o is not type(None)]
-        return check_value(value, inner[0], where)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise UserError(
-                f"{where}: {value!r} is not allowed; use one of {', '.join(map(str, allowed))}"
-            )
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise UserError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value

@@ -144,7 +144,7 @@ def test_kaggle_without_credentials_explains_and_stays_offline(tmp_path, fake):
 
 
 def test_a_competition_url_is_rejected_when_params_are_read():
-    from pipeline.params import from_dict
+    from pipeline.fields import from_dict
 
     with pytest.raises(UserError, match="short name"):
         from_dict(
@@ -383,7 +383,7 @@ def test_unknown_source_names_the_key_and_the_choices(tmp_path, fake):
 
 @pytest.mark.parametrize("name", [".", "..", "../x", "a b", ""])
 def test_a_competition_name_is_a_plain_name(name):
-    from pipeline.params import from_dict
+    from pipeline.fields import from_dict
 
     with pytest.raises(UserError, match="letters, digits and hyphens"):
         from_dict(DataParams, {"competition": name}, "params.yaml: data")
