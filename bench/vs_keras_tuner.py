@@ -167,7 +167,8 @@ def _quiet_failed_trials(verbose: bool) -> None:
 def run_tuner(kt, name: str, args, root, spec, base, train_params, data, budget: int) -> dict:
     import keras
 
-    from pipeline.train import configure_device, make_datasets
+    from pipeline.device import configure_device
+    from pipeline.train import make_datasets
 
     configure_device(train_params.precision)
     keras.utils.set_random_seed(train_params.seed)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.dataset import Dataset, split_for_seed
+from pipeline.device import configure_device
 from pipeline.model import (
     LayerShape,
     ModelConfig,
@@ -49,44 +50,6 @@ class TrainResult:
     history: dict[str, list[float]]
     model: Any = field(repr=False)
     precision: str = "float32"  # the dtype policy it trained under
-
-
-def configure_device(precision: str = "auto") -> str:
-    """Set Keras's dtype policy for `precision` (`train.precision`) and return it. `auto`
-    is mixed_float16 on a GPU, mixed_bfloat16 on a CPU with bfloat16 instructions (AMX or
-    AVX-512 BF16: the base model's epoch in 0.53x the time on one, 0.55x on the other,
-    `bench/README.md`), float32 elsewhere."""
-    import keras
-    import tensorflow as tf
-
-    policy = precision
-    if precision == "auto":
-        if tf.config.list_physical_devices("GPU"):
-            policy = "mixed_float16"
-        elif cpu_flags() & BFLOAT16_FLAGS:
-            policy = "mixed_bfloat16"
-        else:
-            policy = "float32"
-    if keras.mixed_precision.global_policy().name != policy:
-        keras.mixed_precision.set_global_policy(policy)
-    return policy
-
-
-# /proc/cpuinfo flags of CPUs whose oneDNN kernels compute in bfloat16: Intel's AMX units
-# (Xeon 4th generation on) and AVX-512 BF16 (Intel Cooper Lake, AMD Zen 4 on).
-BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def augmentation(params: TrainParams, seed: int):

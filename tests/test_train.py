@@ -6,12 +6,18 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from pipeline.device import (
+    BFLOAT16_FLAGS,
+    auto_policy,
+    bfloat16_speedup,
+    choose_policy,
+    cpu_flags,
+)
 from pipeline.model import ConvBlock, ModelConfig, check_shapes, count_macs, predict_labels
 from pipeline.params import TrainParams
 from pipeline.train import HISTORY_KEYS, train
@@ -140,16 +146,36 @@ def test_a_model_trains_in_the_precision_asked_for(digits):
     assert result.metrics["val_accuracy"] > 0.5  # it learned: 10 classes, chance is 0.1
 
 
-def test_auto_precision_is_bfloat16_only_on_a_cpu_with_bfloat16_instructions(digits):
-    """`auto`: mixed_float16 on a GPU, mixed_bfloat16 where /proc/cpuinfo lists AMX or
-    AVX-512 bfloat16 instructions, float32 elsewhere."""
+def test_auto_precision_takes_bfloat16_only_where_it_measures_faster():
+    """The rule: a GPU -> mixed_float16; bfloat16 only on a CPU whose flags list bfloat16
+    instructions and whose bfloat16 matmul beats float32 by the margin; the measurement
+    runs only where the flags allow bfloat16 at all."""
+    measured = []
+
+    def speedup(value):
+        return lambda: measured.append(value) or value
+
+    assert choose_policy(True, {"avx512_bf16"}, speedup(2.0)) == "mixed_float16"
+    assert choose_policy(False, {"avx512_bf16"}, speedup(2.0)) == "mixed_bfloat16"
+    assert choose_policy(False, {"amx_bf16"}, speedup(1.3)) == "mixed_bfloat16"
+    assert choose_policy(False, {"avx512_bf16"}, speedup(0.56)) == "float32"
+    assert choose_policy(False, {"avx512_bf16"}, speedup(1.1)) == "float32"
+    assert measured == [2.0, 1.3, 0.56, 1.1]
+    assert choose_policy(False, {"avx2", "fma"}, speedup(9.0)) == "float32"
+    assert measured == [2.0, 1.3, 0.56, 1.1]  # no bfloat16 flag: nothing measured
+
+
+def test_auto_precision_trains_in_the_policy_the_rule_picks_here(digits):
+    """`auto` end to end on this machine: the flags and matmul speed of this CPU."""
     import tensorflow as tf
 
-    cpuinfo = Path("/proc/cpuinfo")
-    words = set(cpuinfo.read_text().split()) if cpuinfo.is_file() else set()
-    bf16 = bool(words & {"amx_bf16", "avx512_bf16"})
+    speedup = bfloat16_speedup()
+    assert speedup > 0
     gpu = bool(tf.config.list_physical_devices("GPU"))
-    expected = "mixed_float16" if gpu else "mixed_bfloat16" if bf16 else "float32"
+    expected = auto_policy()
+    assert expected in {"mixed_float16", "mixed_bfloat16", "float32"}
+    if not gpu and not cpu_flags() & BFLOAT16_FLAGS:
+        assert expected == "float32"
 
     result = train(_config(BASE), TrainParams(epochs=1, precision="auto"), digits)
 

@@ -1,0 +1,89 @@
+"""Which dtype policy Keras trains in on this machine (`train.precision`).
+
+`auto` is mixed_float16 on a GPU and, on a CPU whose flags list bfloat16 instructions,
+mixed_bfloat16 only where a bfloat16 matmul measures clearly faster than a float32 one in
+this process; float32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def configure_device(precision: str = "auto") -> str:
+    """Set Keras's dtype policy for `precision` (`train.precision`) and return it; `auto`
+    is `auto_policy()`."""
+    import keras
+
+    policy = auto_policy() if precision == "auto" else precision
+    if keras.mixed_precision.global_policy().name != policy:
+        keras.mixed_precision.set_global_policy(policy)
+    return policy
+
+
+@functools.cache
+def auto_policy() -> str:
+    """mixed_float16 on a GPU; on a CPU with bfloat16 instructions (AMX or AVX-512 BF16),
+    mixed_bfloat16 where this process measures a bfloat16 matmul clearly faster than a
+    float32 one; float32 elsewhere. The flags alone do not tell: the base model's epoch
+    took 0.55x the float32 time in bfloat16 on an AMD EPYC with AVX-512 BF16, and 1.6x on
+    an Intel Xeon with the same flag and no AMX (`bench/README.md`)."""
+    import tensorflow as tf
+
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    return choose_policy(gpu, cpu_flags(), bfloat16_speedup)
+
+
+# /proc/cpuinfo flags of CPUs whose oneDNN kernels may compute in bfloat16: Intel's AMX
+# units (Xeon 4th generation on) and AVX-512 BF16 (Intel Cooper Lake on, AMD Zen 4 on).
+BFLOAT16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# bfloat16 must beat float32 by this much on the matmul: measured speedups are 2x or
+# 0.56x, and a margin keeps a noisy measurement from flipping the choice between runs
+BFLOAT16_MIN_SPEEDUP = 1.25
+
+
+def choose_policy(gpu: bool, flags: set[str], speedup: Callable[[], float]) -> str:
+    """`auto`'s rule; `speedup()` (float32 time / bfloat16 time) runs only when it matters."""
+    if gpu:
+        return "mixed_float16"
+    if flags & BFLOAT16_FLAGS and speedup() >= BFLOAT16_MIN_SPEEDUP:
+        return "mixed_bfloat16"
+    return "float32"
+
+
+def bfloat16_speedup(n: int = 1024, repeats: int = 5) -> float:
+    """float32 seconds / bfloat16 seconds for an n x n matmul, best of `repeats` each
+    (about a tenth of a second on a 2-core CPU)."""
+    import tensorflow as tf
+
+    def best_seconds(dtype) -> float:
+        a = tf.cast(tf.random.stateless_normal((n, n), seed=(0, 0)), dtype)
+        tf.matmul(a, a).numpy()  # warm-up: oneDNN picks and caches its kernel
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            tf.matmul(a, a).numpy()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    speedup = best_seconds(tf.float32) / best_seconds(tf.bfloat16)
+    log.debug("bfloat16 matmul speedup over float32: %.2fx", speedup)
+    return speedup
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
