@@ -43,6 +43,7 @@ KEYS = (
     "direction",
     "base_level",
     "learning_rates",
+    "max_macs_ratio",
 )
 
 
@@ -68,6 +69,9 @@ class Experiment:
     # each level also at each of these learning rates; the report compares levels at
     # their best rates
     learning_rates: tuple[float, ...] = ()
+    # a model needing more than this many times the base model's multiply-accumulates an
+    # image is rejected before training: a bound on a sampled study's costliest trials
+    max_macs_ratio: float | None = None
 
     @property
     def is_grid(self) -> bool:
@@ -85,6 +89,8 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         extra = {"learning_rates": list(self.learning_rates)} if self.learning_rates else {}
+        if self.max_macs_ratio is not None:
+            extra["max_macs_ratio"] = self.max_macs_ratio
         return extra | {
             "factors": {
                 k: (dataclasses.asdict(v) if isinstance(v, Range) else list(v))
@@ -216,6 +222,16 @@ def parse_experiment(
                 f"levels of factors.{factor}"
             )
     _check_levels(factors, base or ModelConfig(), train or TrainParams(), where)
+    max_macs_ratio = data.get("max_macs_ratio")
+    if max_macs_ratio is not None and (
+        isinstance(max_macs_ratio, bool)
+        or not isinstance(max_macs_ratio, int | float)
+        or max_macs_ratio <= 0
+    ):
+        raise UserError(
+            f"{where}: max_macs_ratio: expected a number > 0 (times the base model's "
+            f"multiply-accumulates an image), got {max_macs_ratio!r}"
+        )
     if base is not None and not base_level:
         base_level = base_levels(base, factors, train)
     return Experiment(
@@ -230,6 +246,7 @@ def parse_experiment(
         str(data.get("description", "")),
         base_level,
         rates,
+        None if max_macs_ratio is None else float(max_macs_ratio),
     )
 
 

@@ -30,7 +30,7 @@ from pipeline.dataset import Dataset, load_prepared
 from pipeline.errors import Pruned, UserError
 from pipeline.experiments import Experiment, load_experiment, study_name
 from pipeline.factors import apply_factors
-from pipeline.model import LayerShape, ModelConfig, check_shapes, flatten_config
+from pipeline.model import LayerShape, ModelConfig, check_shapes, count_macs, flatten_config
 from pipeline.params import TrainParams
 from pipeline.records import REJECTED, TrialRecord
 from pipeline.studies import Study, Trial
@@ -104,6 +104,9 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
         )
     except UserError as exc:
         return _rejected(str(exc))
+    too_costly = over_cost(job, layers)
+    if too_costly:
+        return _rejected(too_costly)
     try:
         result = training.train(config, params, job.data, [counter, *callbacks], layers=layers)
     except Pruned as exc:
@@ -124,6 +127,21 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
         attrs=attrs,
         metrics=result.metrics,
         model=result.model,
+    )
+
+
+def over_cost(job: Job, layers: list[LayerShape]) -> str | None:
+    """Why a model is over its study's `max_macs_ratio`, or None."""
+    ratio, meta = job.experiment.max_macs_ratio, job.data.meta
+    if ratio is None:
+        return None
+    base = count_macs(check_shapes(job.config.model, meta.image_shape, meta.n_classes))
+    macs = count_macs(layers)
+    if macs <= ratio * base:
+        return None
+    return (
+        f"{macs / 1e6:.1f} M multiply-accumulates an image, over max_macs_ratio {ratio:g} x "
+        f"the base model's {base / 1e6:.1f} M"
     )
 
 

@@ -402,6 +402,21 @@ def test_bad_learning_rates_are_refused_when_the_file_is_read(base, extra, messa
         parse_experiment("x", spec, "x.yaml", None, base)
 
 
+def test_a_cost_cap_defines_the_study_and_bad_caps_are_refused(base):
+    spec = {"factors": {"width": [1.0, 2.0]}}
+    plain = parse_experiment("w", spec, "w.yaml", None, base)
+    capped = parse_experiment("w", {**spec, "max_macs_ratio": 2}, "w.yaml", None, base)
+
+    assert (plain.max_macs_ratio, capped.max_macs_ratio) == (None, 2.0)
+    assert "max_macs_ratio" not in plain.to_dict()
+    assert study_name(plain, base, TrainParams(), "h") != study_name(
+        capped, base, TrainParams(), "h"
+    )
+    for bad in (0, -1, "2x", True):
+        with pytest.raises(UserError, match=r"w.yaml: max_macs_ratio: expected a number > 0"):
+            parse_experiment("w", {**spec, "max_macs_ratio": bad}, "w.yaml", None, base)
+
+
 def test_numbers_in_exponent_form_are_numbers_in_every_yaml_file(tmp_path):
     from pipeline.config import read_params
 

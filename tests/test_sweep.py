@@ -43,6 +43,12 @@ COLLAPSE = """\
 factors: {strides: [1, 2], dilation_rate: [1, 2], padding: [valid]}
 """
 
+# Twice the width is about three times the base model's multiply-accumulates: over the cap.
+COSTLY = """\
+factors: {width: [1.0, 2.0]}
+max_macs_ratio: 1.5
+"""
+
 # Two learning rates, in this order: the tiny one cannot match the first trial after one
 # epoch, so the median pruner (one startup trial, no warm-up) stops it there.
 HOPELESS = """\
@@ -69,6 +75,7 @@ def _make_project(root: Path, prepared: Path, mlflow_db: Path) -> Project:
     project.add_experiment("strides")
     project.add_experiment("collapse", COLLAPSE)
     project.add_experiment("hopeless", HOPELESS)
+    project.add_experiment("costly", COSTLY)
     configure(project)
     return project
 
@@ -369,6 +376,24 @@ def test_collapsing_configs_are_pruned_without_training(workdir):
         assert run.data.metrics == {}
     complete = study.best_trial
     assert summary["epochs_run"] == complete.user_attrs["epochs_run"] == 2
+
+
+def test_a_model_over_the_studys_cost_cap_is_rejected_without_training(workdir):
+    summary = workdir.sweep("costly")
+    study = workdir.study(summary["study"])
+    by_width = {t.params["width"]: t for t in study.get_trials()}
+
+    assert (summary["n_complete"], summary["n_rejected"], summary["epochs_run"]) == (1, 1, 2)
+    assert by_width[1.0].state == TrialState.COMPLETE
+    costly = by_width[2.0]
+    assert costly.state == TrialState.PRUNED
+    reason = costly.user_attrs["prune_reason"]
+    assert reason.startswith("rejected before training")
+    assert "over max_macs_ratio 1.5 x the base model's" in reason
+    assert (costly.user_attrs["epochs_run"], costly.intermediate_values) == (0, {})
+    run = workdir.children(study)[costly.number]
+    assert (run.info.status, run.data.tags["prune_reason"]) == ("KILLED", reason)
+    assert run.data.metrics == {}
 
 
 # -- (d) resuming after the sweep process is killed --------------------------------------------
