@@ -136,6 +136,19 @@ def report_factor(study: FactorStudy, paths: Paths, confidence: float, n_tests: 
     return lines, summary
 
 
+def _rejected_text(records: list[TrialRecord]) -> str:
+    """` Of the pruned, 2 were rejected before training (1 over max_macs_ratio).`"""
+    rejected = [t for t in records if t.state == "PRUNED" and t.rejected]
+    if not rejected:
+        return ""
+    over = sum("max_macs_ratio" in str(t.attrs.get("prune_reason")) for t in rejected)
+    verb = "was" if len(rejected) == 1 else "were"
+    return (
+        f" Of the pruned, {len(rejected)} {verb} rejected before training "
+        f"({over} over the study's max_macs_ratio, the rest a shape that collapses)."
+    )
+
+
 def report_joint(
     name: str, records: list[TrialRecord], study: Study, paths: Paths
 ) -> tuple[list[str], dict[str, Any]]:
@@ -148,7 +161,7 @@ def report_joint(
         f"## {name}: all factors at once",
         "",
         f"{len(done)} complete, {sum(t.state == 'PRUNED' for t in records)} pruned, "
-        f"{sum(t.state == 'FAIL' for t in records)} failed.",
+        f"{sum(t.state == 'FAIL' for t in records)} failed.{_rejected_text(records)}",
         "",
     ]
     if done:

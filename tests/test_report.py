@@ -13,7 +13,7 @@ import pytest
 from pipeline.experiments import parse_experiment
 from pipeline.outputs import flat_summary, to_html
 from pipeline.params import Paths
-from pipeline.records import TrialRecord
+from pipeline.records import REJECTED, TrialRecord
 from pipeline.report import build_report
 from pipeline.stats import at_best_rates, judge, level_effects, pareto_front
 from pipeline.tables import FactorStudy, regularization_answer, summary_table
@@ -230,7 +230,8 @@ def test_report_from_a_real_optuna_storage_writes_tables_plots_and_json(tmp_path
 
 
 def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
-    # val_accuracy follows learning_rate and ignores padding; two trials were pruned
+    # val_accuracy follows learning_rate and ignores padding; two trials were pruned, one
+    # by the pruner and one rejected before training over the cost cap
     storage = f"sqlite:///{tmp_path}/optuna.db"
     study = optuna.create_study(study_name="joint-abc", storage=storage, direction="maximize")
     distributions = {
@@ -250,8 +251,13 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
                 if pruned
                 else optuna.trial.TrialState.COMPLETE,
                 value=None if pruned else 0.5 + 10 * lr,
-                intermediate_values={0: 0.3} if pruned else None,
-                user_attrs={"n_params": 1000 * (i + 1), "history": HISTORY},
+                intermediate_values={0: 0.3} if i == 3 else None,
+                user_attrs={"n_params": 1000 * (i + 1), "history": HISTORY}
+                | (
+                    {"prune_reason": f"{REJECTED}: 40.0 M ..., over max_macs_ratio 2"}
+                    if i == 7
+                    else {}
+                ),
             )
         )
     experiment = parse_experiment(
@@ -274,7 +280,10 @@ def test_joint_report_ranks_the_parameter_that_drives_the_score(tmp_path):
     )
     weights = results["joint"]["importances"]
     assert weights["learning_rate"] > 0.8 > weights["padding"]
-    assert "22 complete, 2 pruned, 0 failed" in markdown
+    assert (
+        "22 complete, 2 pruned, 0 failed. Of the pruned, 1 was rejected before training "
+        "(1 over the study's max_macs_ratio" in markdown
+    )
     assert "over the 22 complete trials" in markdown
     front = results["joint"]["pareto"]
     assert [p["n_params"] for p in front] == sorted(p["n_params"] for p in front)
