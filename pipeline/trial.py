@@ -92,7 +92,7 @@ def configure(job: Job, values: dict[str, Any]) -> tuple[ModelConfig, TrainParam
         config, params = apply_factors(job.config.model, job.config.train, values)
     except ValueError as exc:  # a combination the config refuses, e.g. strides with dilation
         return job.config.model, job.config.train, str(exc)
-    return config, params, None
+    return config, params, over_cost(job, config)
 
 
 def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list) -> Outcome:
@@ -104,9 +104,6 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
         )
     except UserError as exc:
         return _rejected(str(exc))
-    too_costly = over_cost(job, layers)
-    if too_costly:
-        return _rejected(too_costly)
     try:
         result = training.train(config, params, job.data, [counter, *callbacks], layers=layers)
     except Pruned as exc:
@@ -130,13 +127,17 @@ def evaluate(job: Job, config: ModelConfig, params: TrainParams, callbacks: list
     )
 
 
-def over_cost(job: Job, layers: list[LayerShape]) -> str | None:
-    """Why a model is over its study's `max_macs_ratio`, or None."""
+def over_cost(job: Job, config: ModelConfig) -> str | None:
+    """Why a model is over its study's `max_macs_ratio` (refused before any training or
+    reuse, so the switch `sweep.reuse` never changes a study's outcome), or None."""
     ratio, meta = job.experiment.max_macs_ratio, job.data.meta
     if ratio is None:
         return None
     base = count_macs(check_shapes(job.config.model, meta.image_shape, meta.n_classes))
-    macs = count_macs(layers)
+    try:
+        macs = count_macs(check_shapes(config, meta.image_shape, meta.n_classes))
+    except UserError:  # a shape that collapses: `evaluate` rejects it, saying where
+        return None
     if macs <= ratio * base:
         return None
     return (
