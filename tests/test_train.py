@@ -166,7 +166,7 @@ def test_auto_precision_takes_bfloat16_only_where_it_measures_faster():
 
 
 def test_auto_precision_trains_in_the_policy_the_rule_picks_here(digits):
-    """`auto` end to end on this machine: the flags and matmul speed of this CPU."""
+    """`auto` end to end on this machine: the flags and convolution speed of this CPU."""
     import tensorflow as tf
 
     speedup = bfloat16_speedup()
