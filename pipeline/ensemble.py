@@ -3,7 +3,8 @@
 - `best`: the single best checkpoint across studies (or of `submit.experiment`), as
   trained in its trial on the training split.
 - `refit`: the best configuration by its mean over seeds, trained again on every labelled
-  image but the held-out ones, for the median of the epochs its trials kept.
+  image but the held-out ones, for the median of the epochs its trials kept times
+  `submit.refit_epoch_scale`.
 - `ensemble`: the top `submit.members` distinct configurations, each refit like that
   (seeds 0, 1, ...), their softmax outputs averaged.
 
@@ -111,22 +112,23 @@ def refits(config: Config, data: Dataset, count: int) -> Members:
     everything = labelled_for_refit(data)
     models, described = [], []
     for seed, candidate in enumerate(ranked[:count]):
+        epochs = max(1, round(candidate.epochs * config.submit.refit_epoch_scale))
         log.info(
             "submit: refitting %s (mean val_accuracy %.4f over %d seeds) on %d images, %d epochs",
             candidate.label,
             candidate.mean,
             len(candidate.values),
             len(everything.y_train),
-            candidate.epochs,
+            epochs,
         )
         recipe = dataclasses.replace(
             candidate.train,
-            epochs=candidate.epochs,
-            min_epochs=min(candidate.train.min_epochs, candidate.epochs),
+            epochs=epochs,
+            min_epochs=min(candidate.train.min_epochs, epochs),
             seed=seed,
         )
         models.append(training.train(candidate.config, recipe, everything).model)
-        described.append(candidate.summary() | {"refit_seed": seed})
+        described.append(candidate.summary() | {"refit_seed": seed, "refit_epochs": epochs})
     if config.submit.trial_checkpoints:
         for candidate, entry in zip(ranked[:count], described, strict=True):
             loaded = trial_checkpoints(config, candidate.runs)

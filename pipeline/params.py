@@ -293,10 +293,18 @@ class SubmitParams:
     # test-time augmentation: each model also sees every image turned this many degrees
     # either way, and the three predictions are averaged (0: off)
     tta_rotation: float = 0.0
+    # refit and ensemble: each refit trains this many times the epochs its trials kept
+    # (the schedule stretched to match): more images, and no validation split to stop on
+    refit_epoch_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.members < 1:
             raise ValueError("members must be >= 1")
+        if not 0 < self.refit_epoch_scale <= 10:
+            raise ValueError(
+                "refit_epoch_scale must be above 0 and at most 10 (1: the epochs the "
+                f"trials kept), e.g. 2; got {self.refit_epoch_scale:g}"
+            )
         if not 0 <= self.tta_rotation <= 45:
             raise ValueError(
                 f"tta_rotation must be 0 (off) to 45 degrees, e.g. 8; got {self.tta_rotation:g}"

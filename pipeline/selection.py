@@ -75,7 +75,7 @@ class Candidate:
             "mean_val_accuracy": round(self.mean, 6),
             "n_seeds": len(self.values),
             "values": [round(v, 6) for v in self.values],
-            "refit_epochs": self.epochs,
+            "kept_epochs": self.epochs,  # median over its trials
             "trials": list(self.trials),
         }
 

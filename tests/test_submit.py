@@ -320,3 +320,43 @@ def test_an_ensemble_also_averages_its_members_trial_checkpoints(swept, monkeypa
 
 def _experiment_id(project) -> str:
     return project.client.get_experiment_by_name(project.tracking_experiment).experiment_id
+
+
+def test_a_refit_trains_its_trials_kept_epochs_times_the_scale(swept, monkeypatch):
+    """`submit.refit_epoch_scale`: each refit trains round(scale x the median of the
+    epochs its trials kept), and its cosine schedule spans all of them."""
+    from pipeline import train as training
+    from pipeline.ensemble import members as ensemble_members
+
+    monkeypatch.chdir(swept.root)
+    swept.configure(
+        experiments=["padding"],
+        train={"epochs": 2},
+        submit={"strategy": "ensemble", "members": 2, "refit_epoch_scale": 2.5},
+    )
+    trained, real_train = [], training.train
+
+    def recording(config, params, data, *args, **kwargs):
+        result = real_train(config, params, data, *args, **kwargs)
+        trained.append((params.epochs, result.metrics["epochs_run"]))
+        return result
+
+    monkeypatch.setattr(training, "train", recording)
+    chosen = ensemble_members(swept.config(), load_prepared(swept.prepared))
+
+    assert len(trained) == 2
+    for member, (asked, ran) in zip(chosen.described, trained, strict=True):
+        assert member["kept_epochs"] in (1, 2)
+        assert member["refit_epochs"] == asked == ran == round(2.5 * member["kept_epochs"])
+
+
+@pytest.mark.parametrize("value", [0, -1, 11, "twice"])
+def test_a_bad_refit_epoch_scale_is_refused_with_its_field(project, write_params, capsys, value):
+    write_params(
+        project / "params.yaml", data={"source": "embedded"}, submit={"refit_epoch_scale": value}
+    )
+    assert cli.main(["submit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "refit_epoch_scale" in err and str(value) in err
+    assert not _csv(project).exists()
