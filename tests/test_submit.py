@@ -324,7 +324,7 @@ def _experiment_id(project) -> str:
 
 def test_a_refit_trains_its_trials_kept_epochs_times_the_scale(swept, monkeypatch):
     """`submit.refit_epoch_scale`: each refit trains round(scale x the median of the
-    epochs its trials kept), and its cosine schedule spans all of them."""
+    epochs its trials kept), all of them, and the sidecar says how many."""
     from pipeline import train as training
     from pipeline.ensemble import members as ensemble_members
 
