@@ -70,18 +70,25 @@ class LevelStats:
         return None if self.verdict in (None, TOO_FEW) else self.verdict == REAL
 
 
+# Scores closer than this are equal: accuracies are counts over at most millions of images,
+# so a real difference is at least 1e-7, and float subtraction leaves about 1e-16.
+TIED = 1e-12
+
+
 def compare(
     values: dict[Any, float], base: dict[Any, float], confidence: float = 0.95
 ) -> Comparison | None:
     """`values` against `base`, each keyed by seed; None when either has fewer than two.
 
     Seeds found in both are paired; with two or more pairs whose differences vary, the
-    interval is the paired t interval, otherwise Welch's."""
+    interval is the paired t interval, otherwise Welch's. Differences that agree to
+    within `TIED` (float rounding of equal image counts) do not vary: a paired t test on
+    them would be certain of a difference three seeds cannot show."""
     if len(values) < 2 or len(base) < 2:
         return None
     shared = sorted(set(values) & set(base), key=str)
     diffs = np.array([values[s] - base[s] for s in shared])
-    if len(diffs) >= 2 and np.std(diffs) > 0:
+    if len(diffs) >= 2 and np.ptp(diffs) > TIED:
         n = len(diffs)
         effect, se, df = float(diffs.mean()), float(diffs.std(ddof=1) / math.sqrt(n)), n - 1
         p_better = float(np.mean((diffs > 0) + 0.5 * (diffs == 0)))
@@ -95,7 +102,7 @@ def compare(
         greater = a[:, None] - b[None, :]
         p_better = float(np.mean((greater > 0) + 0.5 * (greater == 0)))
         method = "Welch t"
-    if se == 0:  # identical values throughout: the difference is exact
+    if se <= TIED:  # identical values throughout: the difference is exact
         return Comparison(effect, effect, effect, 0.0 if effect else 1.0, p_better, method)
     t = scipy_stats.t.ppf(0.5 + confidence / 2, df)
     p_value = float(2 * scipy_stats.t.sf(abs(effect) / se, df))

@@ -27,21 +27,26 @@ from pipeline.stats import REAL, TOO_FEW, compare, holm, judge, level_effects
 STUDY_LEVELS = (2, 2, 2, 3, 4, 2)
 
 
-def simulated_study(rng, n_levels, seeds, shared_sd, own_sd, shift=0.0) -> list[TrialRecord]:
+def simulated_study(
+    rng, n_levels, seeds, shared_sd, own_sd, shift=0.0, images=None
+) -> list[TrialRecord]:
     """Level `l0` is the base; `l1` is moved by `shift`. A seed moves every level alike by
-    a draw of sd `shared_sd` (its split and data order); each trial adds its own noise."""
+    a draw of sd `shared_sd` (its split and data order); each trial adds its own noise.
+    With `images`, each value is an accuracy on that many images (a count over it)."""
     by_seed = rng.normal(0, shared_sd, seeds)
     trials = []
     for level in range(n_levels):
         for seed in range(seeds):
             value = 0.98 + by_seed[seed] + rng.normal(0, own_sd) + (shift if level == 1 else 0)
+            if images:
+                value = round(value * images) / images
             trials.append(
                 TrialRecord(len(trials), "COMPLETE", {"f": f"l{level}", "seed": seed}, value)
             )
     return trials
 
 
-def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed=0):
+def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed=0, images=None):
     """(share of reports with a false real effect, share that found the planted one)."""
     rng = np.random.default_rng(seed)
     shift = planted_sds * math.hypot(shared_sd, own_sd)
@@ -49,7 +54,7 @@ def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed
     for _ in range(n_reports):
         tables = [
             level_effects(
-                simulated_study(rng, n, seeds, shared_sd, own_sd, shift if i == 0 else 0.0),
+                simulated_study(rng, n, seeds, shared_sd, own_sd, shift if i == 0 else 0.0, images),
                 "f",
                 "l0",
                 judged=False,
@@ -77,6 +82,16 @@ def _at_most(rate: float, promise: float, n: int) -> bool:
 def test_null_ablations_are_called_real_in_at_most_5_percent_of_reports(shared_sd, own_sd):
     rate, _ = simulated_reports(1500, 3, shared_sd, own_sd)
     assert _at_most(rate, 0.05, 1500), rate
+
+
+def test_equal_differences_at_every_seed_fall_back_to_welch():
+    # 5 images fewer out of 1600 at each of three seeds, as a real report had it
+    base = {0: 0.989375, 1: 0.98625, 2: 0.98125}
+    level = {0: 0.98625, 1: 0.983125, 2: 0.978125}
+    found = compare(level, base)
+    assert found.method == "Welch t"
+    assert found.ci_low < -0.003125 < found.ci_high < 0.01
+    assert found.p_value > 0.05
 
 
 def test_without_holm_the_same_nulls_would_overclaim():
