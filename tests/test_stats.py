@@ -27,26 +27,21 @@ from pipeline.stats import REAL, TOO_FEW, compare, holm, judge, level_effects
 STUDY_LEVELS = (2, 2, 2, 3, 4, 2)
 
 
-def simulated_study(
-    rng, n_levels, seeds, shared_sd, own_sd, shift=0.0, images=None
-) -> list[TrialRecord]:
+def simulated_study(rng, n_levels, seeds, shared_sd, own_sd, shift=0.0) -> list[TrialRecord]:
     """Level `l0` is the base; `l1` is moved by `shift`. A seed moves every level alike by
-    a draw of sd `shared_sd` (its split and data order); each trial adds its own noise.
-    With `images`, each value is an accuracy on that many images (a count over it)."""
+    a draw of sd `shared_sd` (its split and data order); each trial adds its own noise."""
     by_seed = rng.normal(0, shared_sd, seeds)
     trials = []
     for level in range(n_levels):
         for seed in range(seeds):
             value = 0.98 + by_seed[seed] + rng.normal(0, own_sd) + (shift if level == 1 else 0)
-            if images:
-                value = round(value * images) / images
             trials.append(
                 TrialRecord(len(trials), "COMPLETE", {"f": f"l{level}", "seed": seed}, value)
             )
     return trials
 
 
-def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed=0, images=None):
+def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed=0):
     """(share of reports with a false real effect, share that found the planted one)."""
     rng = np.random.default_rng(seed)
     shift = planted_sds * math.hypot(shared_sd, own_sd)
@@ -54,7 +49,7 @@ def simulated_reports(n_reports, seeds, shared_sd, own_sd, planted_sds=0.0, seed
     for _ in range(n_reports):
         tables = [
             level_effects(
-                simulated_study(rng, n, seeds, shared_sd, own_sd, shift if i == 0 else 0.0, images),
+                simulated_study(rng, n, seeds, shared_sd, own_sd, shift if i == 0 else 0.0),
                 "f",
                 "l0",
                 judged=False,
