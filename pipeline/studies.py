@@ -1,5 +1,4 @@
-"""Optuna behind one door: the only module that imports it, with `pipeline.storages`,
-which opens the storages.
+"""Optuna behind one door: the only module that imports it.
 
 A `Study` is one experiment's study in a storage (SQLite, PostgreSQL/MySQL with Optuna's
 heartbeat, or Redis through the journal storage). Its whole budget is queued up front as
@@ -14,6 +13,7 @@ shared storages, queued again once. The rest of the pipeline gets plain values b
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -22,11 +22,11 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, redact
 from pipeline.experiments import Experiment, suggest
 from pipeline.processes import died_here, every, worker_id
 from pipeline.records import TrialRecord
-from pipeline.storages import make_storage, requeue
+from pipeline.storage_urls import with_driver, with_redis_password
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,71 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 # `fail_kind` of a FAIL trial whose work was cut short: it says nothing about its config,
 # and its grid point (or budget slot) is run again.
 CUT_SHORT = ("interrupted", "died")
+
+
+# -- storages ---------------------------------------------------------------------------------
+def make_storage(url: str, heartbeat_seconds: int):
+    """An Optuna storage for `url`: SQLite (serialised writes, one machine),
+    PostgreSQL/MySQL (Optuna's heartbeat; a stale trial is retried once), Redis (the
+    journal storage). A connection or driver problem is a `UserError`."""
+    from optuna.storages import RDBStorage
+
+    with warnings.catch_warnings():  # the journal backend and heartbeat are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            if url.startswith(("redis://", "rediss://", "unix://")):
+                from optuna.storages.journal import JournalRedisBackend
+
+                backend = JournalRedisBackend(with_redis_password(url))
+                return optuna.storages.JournalStorage(backend)
+            if url.startswith("sqlite"):
+                storage = RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": 120, "isolation_level": None}}
+                )
+                _lock_on_begin(storage.engine)
+                return storage
+            if url.startswith(("postgresql", "mysql")):
+                return RDBStorage(
+                    with_driver(url),
+                    engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=3 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=requeue,
+                )
+        except Exception as exc:  # connection refused, bad credentials, missing driver
+            raise UserError(
+                f"sweep.storage: cannot open the Optuna storage ({redact(url)}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+    raise UserError(
+        f"sweep.storage {redact(url)!r}: use sqlite:///FILE, postgresql://..., "
+        "mysql://... or redis://..."
+    )
+
+
+def _lock_on_begin(engine) -> None:
+    """SQLite: every transaction takes the write lock when it begins (BEGIN IMMEDIATE).
+
+    pysqlite otherwise begins at the first write, so two processes could both read a trial
+    as WAITING and both mark it RUNNING: `claim` would hand one trial to two workers."""
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+
+
+def requeue(study, trial) -> None:
+    """Queue a dead worker's trial again, once (Optuna's retry), without the attributes of
+    the dead run: a retry still naming its dead worker would look dead itself between its
+    claim and its new worker writing its own id, and be failed again by another worker."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    trial = copy.copy(trial)
+    trial.user_attrs = {
+        k: v for k, v in trial.user_attrs.items() if k not in ("worker", "error", "mlflow_run_id")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, trial)
 
 
 def _cut_short(trial) -> bool:

@@ -352,7 +352,7 @@ class Project:
         """The Optuna study `name` (default: this experiment's only study)."""
         import optuna
 
-        from pipeline.storages import make_storage
+        from pipeline.studies import make_storage
 
         storage = make_storage(self.storage, 10)
         if name is None:

@@ -10,7 +10,7 @@ import secrets
 import pytest
 from support import Project, running_mlflow_server
 
-from pipeline.storages import with_redis_password
+from pipeline.storage_urls import with_redis_password
 
 SECRET = "hunter2"
 

@@ -27,8 +27,7 @@ from support import Project, wait_for
 
 import pipeline.train
 from pipeline import cli
-from pipeline.storages import make_storage
-from pipeline.studies import PARENT_ATTR
+from pipeline.studies import PARENT_ATTR, make_storage
 from pipeline.sweep import SCORES
 from pipeline.train import training_data
 from pipeline.trial import CHECKPOINT
